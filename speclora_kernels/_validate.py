@@ -1,0 +1,60 @@
+"""Argument checks shared by every entry point of the op (reference, Triton, C++).
+
+Checked once in the public function, so kernels can trust their inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+
+
+def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropout_rows=None,
+                         weight_shape=None) -> int:
+    """Validate the op's arguments; return the number of dropout rows.
+
+    ``weight_shape`` is given when ``weight`` is not a dense (out x in) tensor (NF4).
+    """
+    _check_float("x", x)
+    for name, t in (("down", down), ("scale", scale), ("up", up)):
+        _check_float(name, t)
+    if weight_shape is None:
+        _check_float("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out_features x in_features), got shape {tuple(weight.shape)}")
+        weight_shape = tuple(weight.shape)
+    out_f, in_f = weight_shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x must have last dimension in_features={in_f}, got shape {tuple(x.shape)}")
+    if down.dim() != 2 or down.shape[1] != in_f:
+        raise ValueError(f"down must be (R x in_features={in_f}), got shape {tuple(down.shape)}")
+    rank = down.shape[0]
+    if scale.shape != (rank,):
+        raise ValueError(f"scale must be ({rank},) to match down's rank, got shape {tuple(scale.shape)}")
+    if up.shape != (out_f, rank):
+        raise ValueError(f"up must be (out_features={out_f} x R={rank}), got shape {tuple(up.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias must be ({out_f},), got shape {tuple(bias.shape)}")
+    dev = x.device
+    named = [("weight", weight), ("bias", bias), ("down", down), ("scale", scale), ("up", up)]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but x is on {dev}; all tensors must share one device")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_rows is None:
+        dropout_rows = rank
+    if not (0 <= int(dropout_rows) <= rank):
+        raise ValueError(f"dropout_rows must be in [0, R={rank}], got {dropout_rows}")
+    return int(dropout_rows)

@@ -1,0 +1,58 @@
+"""The one op in plain PyTorch: the ground truth every kernel is proven against.
+
+    y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T
+
+``x'`` is ``x`` with LoRA-style dropout applied to the first ``dropout_rows`` rows of
+``D`` only (the trainable down rows); the remaining (frozen, spectral) rows see the clean
+input. Computed with float32 accumulation (float64 when any input is float64) and
+returned in ``x``'s dtype. Differentiable by autograd; runs on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import check_adapter_inputs
+
+
+def dropout_mask(shape, p: float, *, device=None, generator=None) -> torch.Tensor:
+    """Boolean keep-mask (True = kept) with keep probability ``1 - p``."""
+    return torch.rand(shape, device=device, generator=generator) >= p
+
+
+def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.0,
+                         dropout_rows: int | None = None, mask: torch.Tensor | None = None,
+                         training: bool = True, generator: torch.Generator | None = None):
+    """Reference ``x @ W.T + bias + ((x @ D.T) * s) @ U.T``.
+
+    Args:
+        x: (..., in) input.
+        weight: (out, in) dense base weight.
+        bias: (out,) or None.
+        down: (R, in) down-projection ``D``.
+        scale: (R,) per-rank scale ``s``.
+        up: (out, R) up-projection ``U``.
+        dropout_p: LoRA dropout probability, active only when ``training``.
+        dropout_rows: leading rows of ``D`` that see the dropped-out input (default: all).
+        mask: optional boolean keep-mask shaped like ``x``; when given it is used instead
+            of drawing one (lets a test feed the mask a kernel generated).
+        generator: RNG for the mask when ``mask`` is None.
+    """
+    rd = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    base = xa @ weight.to(acc).T
+    if bias is not None:
+        base = base + bias.to(acc)
+    d = down.to(acc)
+    if training and dropout_p > 0 and rd > 0:
+        if mask is None:
+            mask = dropout_mask(x.shape, dropout_p, device=x.device, generator=generator)
+        elif mask.shape != x.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor shaped like x {tuple(x.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        xd = xa * mask.to(acc) / (1.0 - dropout_p)
+        t = torch.cat([xd @ d[:rd].T, xa @ d[rd:].T], dim=-1)
+    else:
+        t = xa @ d.T
+    t = t * scale.to(acc)
+    return (base + t @ up.to(acc).T).to(x.dtype)
