@@ -19,8 +19,8 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropout_rows=None,
-                         weight_shape=None) -> int:
-    """Validate the op's arguments; return the number of dropout rows.
+                         grad_rows=None, weight_shape=None) -> tuple[int, int]:
+    """Validate the op's arguments; return ``(dropout_rows, grad_rows)`` resolved to ints.
 
     ``weight_shape`` is given when ``weight`` is not a dense (out x in) tensor (NF4).
     """
@@ -57,4 +57,8 @@ def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
         dropout_rows = rank
     if not (0 <= int(dropout_rows) <= rank):
         raise ValueError(f"dropout_rows must be in [0, R={rank}], got {dropout_rows}")
-    return int(dropout_rows)
+    if grad_rows is None:
+        grad_rows = rank
+    if not (0 <= int(grad_rows) <= rank):
+        raise ValueError(f"grad_rows must be in [0, R={rank}], got {grad_rows}")
+    return int(dropout_rows), int(grad_rows)

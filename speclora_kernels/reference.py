@@ -4,7 +4,8 @@
 
 ``x'`` is ``x`` with LoRA-style dropout applied to the first ``dropout_rows`` rows of
 ``D`` only (the trainable down rows); the remaining (frozen, spectral) rows see the clean
-input. Computed with float32 accumulation (float64 when any input is float64) and
+input. Only the first ``grad_rows`` rows of ``D`` and columns of ``U`` receive gradient
+(the rest are frozen spectral factors, treated as constants). Computed with float32 accumulation (float64 when any input is float64) and
 returned in ``x``'s dtype. Differentiable by autograd; runs on any device.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ def dropout_mask(shape, p: float, *, device=None, generator=None) -> torch.Tenso
 
 
 def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.0,
-                         dropout_rows: int | None = None, mask: torch.Tensor | None = None,
+                         dropout_rows: int | None = None, grad_rows: int | None = None,
+                         mask: torch.Tensor | None = None,
                          training: bool = True, generator: torch.Generator | None = None):
     """Reference ``x @ W.T + bias + ((x @ D.T) * s) @ U.T``.
 
@@ -33,17 +35,23 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
         up: (out, R) up-projection ``U``.
         dropout_p: LoRA dropout probability, active only when ``training``.
         dropout_rows: leading rows of ``D`` that see the dropped-out input (default: all).
+        grad_rows: leading rows of ``D`` / columns of ``U`` that get gradient (default: all).
         mask: optional boolean keep-mask shaped like ``x``; when given it is used instead
             of drawing one (lets a test feed the mask a kernel generated).
         generator: RNG for the mask when ``mask`` is None.
     """
-    rd = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows)
+    rd, rg = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows,
+                                  grad_rows)
     acc = torch.promote_types(x.dtype, torch.float32)
     xa = x.to(acc)
     base = xa @ weight.to(acc).T
     if bias is not None:
         base = base + bias.to(acc)
     d = down.to(acc)
+    u = up.to(acc)
+    if rg < d.shape[0]:
+        d = torch.cat([d[:rg], d[rg:].detach()])
+        u = torch.cat([u[:, :rg], u[:, rg:].detach()], dim=1)
     if training and dropout_p > 0 and rd > 0:
         if mask is None:
             mask = dropout_mask(x.shape, dropout_p, device=x.device, generator=generator)
@@ -55,4 +63,4 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
     else:
         t = xa @ d.T
     t = t * scale.to(acc)
-    return (base + t @ up.to(acc).T).to(x.dtype)
+    return (base + t @ u.T).to(x.dtype)
