@@ -1,0 +1,1 @@
+"""Tools that measure kernels without a GPU: interpreter counters, floors, predictions."""
