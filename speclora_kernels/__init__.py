@@ -2,8 +2,14 @@
 
 One op serves every method: ``y = x @ W.T + bias + ((x @ D.T) * s) @ U.T``.
 """
+from .methods import METHODS
+from .modules import AdapterLinear
 from .reference import fused_adapter_linear as reference_adapter_linear
+from .serialization import (load_layer_adapter, read_adapter_files, save_layer_adapter,
+                            write_adapter_files)
 
 __version__ = "0.1.0"
 
-__all__ = ["reference_adapter_linear", "__version__"]
+__all__ = ["reference_adapter_linear", "__version__", "METHODS", "AdapterLinear",
+           "save_layer_adapter", "load_layer_adapter", "write_adapter_files",
+           "read_adapter_files"]

@@ -1,0 +1,61 @@
+"""SpecLoRA ("Weight Spectra Induced Efficient Model Adaptation"): LoRA plus a learnable
+mask ``m`` on the top-k singular values of ``W0``:
+
+    W' = W0 + (alpha / r) B A + P_k diag(sigma_k ⊙ m) Q_k.T
+
+i.e. the top-k singular values become ``sigma_k ⊙ (1 + m)``. The paper's exact equation
+was not available; this is the reading its public descriptions support. The mask's form
+lives in :func:`spectral_scale` only, so it can change in one place.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import AdapterMethod, SpectralBuffers, check_alpha, check_rank
+from .lora import lora_init
+
+
+def spectral_scale(sigma: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-rank scale of the k frozen spectral rows: ``sigma_k ⊙ m`` (zero at ``m = 0``)."""
+    return sigma * m
+
+
+class SpecLoRA(SpectralBuffers, AdapterMethod):
+    """``D = [A; Q_k.T]``, ``s = [(alpha/r) 1_r; sigma_k ⊙ m]``, ``U = [B, P_k]``; base ``W0``.
+
+    Trainable ``A`` (r x in), ``B`` (out x r), ``m`` (k); frozen buffers ``P`` (out x k),
+    ``sigma`` (k), ``Q`` (in x k). Only the r LoRA rows see dropout and get ``D``/``U``
+    gradient; ``m`` gets its gradient through ``s``.
+    """
+
+    name = "speclora"
+    options = ("r", "k", "alpha", "svd")
+
+    def __init__(self, weight: torch.Tensor, *, r: int, k: int = 16, alpha: float | None = None,
+                 svd: str = "auto", adapter_dtype=None, generator=None):
+        super().__init__(weight, r, adapter_dtype)
+        self.k = check_rank("k", k, min(weight.shape))
+        self.alpha = check_alpha(r if alpha is None else alpha)
+        self.A = self._new(r, self.in_features, like=weight)
+        self.B = self._new(self.out_features, r, like=weight)
+        self.m = self._new(k, like=weight)
+        self.register_buffer("lora_scale", torch.full((r,), self.alpha / r, dtype=self._dtype,
+                                                      device=weight.device), persistent=False)
+        self._register_svd(weight, k, svd, generator)
+        self.rank = r + k
+        self.dropout_rows = self.grad_rows = r
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator=None) -> None:
+        lora_init(self.A, self.B, generator)
+        with torch.no_grad():
+            self.m.zero_()
+
+    def factors(self):
+        down = torch.cat([self.A, self.Q.T])
+        scale = torch.cat([self.lora_scale, spectral_scale(self.sigma, self.m)])
+        up = torch.cat([self.B, self.P], dim=1)
+        return down, scale, up
+
+    def config(self) -> dict:
+        return {**super().config(), "k": self.k, "alpha": self.alpha}
