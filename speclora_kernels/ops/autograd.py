@@ -1,0 +1,173 @@
+"""Autograd and ``torch.library`` registration of the fused adapter linear.
+
+Two custom ops, opaque to ``torch.compile`` (so ``fullgraph=True`` traces through them):
+
+- ``speclora_kernels::adapter_linear_fwd(x, W, bias, D, s, U, seed, p, rd, save_t) -> (y, t)``
+- ``speclora_kernels::adapter_linear_bwd(dy, x, W, D, s, U, t, seed, p, rd, rg, needs...)``
+  ``-> (dx, dD, ds, dU)``
+
+Each dispatches per call: CUDA tensors run the Triton kernels (``fused_linear``); CPU
+tensors run the PyTorch path below, except under ``TRITON_INTERPRET=1``, where they run
+the Triton kernels in the interpreter; float64 always runs the PyTorch path. Both paths
+draw the same dropout mask (``dropout.py``), so a seed means the same thing everywhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dropout import dropout_keep_mask
+
+try:
+    from . import fused_linear as _triton
+except ImportError:  # no triton on this platform: the PyTorch path serves every call
+    _triton = None
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _use_triton(x: Tensor, rank: int) -> bool:
+    if _triton is None or x.dtype not in _TRITON_DTYPES or x.numel() == 0 or rank == 0:
+        return False
+    return x.is_cuda or _triton.INTERPRET
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# ------------------------------------------------------------------ PyTorch path
+def _torch_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
+    acc = _acc_dtype(x)
+    xa, d = x.to(acc), down.to(acc)
+    t = xa @ d.T
+    if seed is not None and drop_rows > 0:
+        keep = dropout_keep_mask(seed, x.shape, dropout_p, device=x.device)
+        t[:, :drop_rows] = (xa * keep) @ d[:drop_rows].T / (1.0 - dropout_p)
+    y = xa @ weight.to(acc).T + (t * scale.to(acc)) @ up.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), (t if save_t else t.new_empty((0, t.shape[1])))
+
+
+def _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows,
+                    need_dx, need_ddown, need_dscale, need_dup):
+    acc = _acc_dtype(x)
+    dya, s, d = dy.to(acc), scale.to(acc), down.to(acc)
+    rd, rg = (drop_rows if seed is not None else 0), grad_rows
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, device=x.device) if rd else None
+    g = dya @ up.to(acc) if (need_dx or need_ddown or need_dscale) else None
+    # distinct empties for gradients not asked for: a custom op's outputs may not alias
+    dx, d_down, d_scale, d_up = (x.new_empty(0) for _ in range(4))
+    if need_dx:
+        gs = g * s
+        dx = dya @ weight.to(acc) + gs[:, rd:] @ d[rd:]
+        if rd:
+            dx = dx + keep * (gs[:, :rd] @ d[:rd]) / (1.0 - dropout_p)
+        dx = dx.to(x.dtype)
+    if need_ddown:
+        xa = x.to(acc)
+        gs = g[:, :rg] * s[:rg]
+        d_down = torch.zeros_like(down)
+        d_down[:rg] = (gs.T @ xa).to(down.dtype)
+        cut = min(rd, rg)
+        if cut:
+            d_down[:cut] = (gs[:, :cut].T @ (xa * keep) / (1.0 - dropout_p)).to(down.dtype)
+    if need_dscale:
+        d_scale = (g * t).sum(0).to(scale.dtype)
+    if need_dup:
+        d_up = torch.zeros_like(up)
+        d_up[:, :rg] = (dya.T @ (t[:, :rg] * s[:rg])).to(up.dtype)
+    return dx, d_down, d_scale, d_up
+
+
+# ------------------------------------------------------------------ custom ops
+@torch.library.custom_op("speclora_kernels::adapter_linear_fwd", mutates_args=())
+def adapter_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor,
+                       scale: Tensor, up: Tensor, seed: Optional[Tensor], dropout_p: float,
+                       drop_rows: int, save_t: bool) -> tuple[Tensor, Tensor]:
+    """(y, t) for 2-D x; dropout is active iff ``seed`` is given (and drop_rows > 0)."""
+    if _use_triton(x, down.shape[0]):
+        return _triton.adapter_forward(x, weight, bias, down, scale, up,
+                                       int(seed) if seed is not None else 0,
+                                       dropout_p if seed is not None else 0.0,
+                                       drop_rows if seed is not None else 0, save_t)
+    return _torch_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t)
+
+
+@adapter_linear_fwd.register_fake
+def _(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
+    rows = x.shape[0] if save_t else 0
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((rows, down.shape[0]), dtype=_acc_dtype(x)))
+
+
+@torch.library.custom_op("speclora_kernels::adapter_linear_bwd", mutates_args=())
+def adapter_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, down: Tensor, scale: Tensor,
+                       up: Tensor, t: Tensor, seed: Optional[Tensor], dropout_p: float,
+                       drop_rows: int, grad_rows: int, need_dx: bool, need_ddown: bool,
+                       need_dscale: bool, need_dup: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dD, ds, dU); a gradient not asked for is an empty tensor and costs nothing."""
+    if _use_triton(x, down.shape[0]):
+        return _triton.adapter_backward(dy, x, weight, down, scale, up, t,
+                                        int(seed) if seed is not None else 0,
+                                        dropout_p if seed is not None else 0.0,
+                                        drop_rows if seed is not None else 0, grad_rows,
+                                        need_dx, need_ddown, need_dscale, need_dup)
+    return _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows,
+                           grad_rows, need_dx, need_ddown, need_dscale, need_dup)
+
+
+@adapter_linear_bwd.register_fake
+def _(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows, need_dx,
+      need_ddown, need_dscale, need_dup):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(down) if need_ddown else x.new_empty(0),
+            torch.empty_like(scale) if need_dscale else x.new_empty(0),
+            torch.empty_like(up) if need_dup else x.new_empty(0))
+
+
+class FusedAdapterLinearFunction(torch.autograd.Function):
+    r"""``y = x @ W.T + b + ((x' @ D.T) * s) @ U.T`` on 2-D ``x`` (M, K).
+
+    ``x'`` equals ``x`` on the first ``rd`` rows of D (``keep / (1 - p) * x``; keep is
+    regenerated from the seed, never stored) and on the others the clean ``x``. With
+    ``t = x' @ D.T`` (M, R; saved, fp32), ``g = dy @ U`` (M, R), ``gs = g * s``:
+
+    .. math::
+
+        dx &= dy\,W + \tfrac{keep}{1-p} \odot (gs_{:,<rd} D_{<rd}) + gs_{:,\ge rd} D_{\ge rd} \\
+        dD_{r} &= gs_{:, r}^T\, x'_r  \quad (r < rg;\ \text{rows} \ge rg \text{ get } 0) \\
+        dU_{:, r} &= dy^T\, (t_{:, r}\, s_r)  \quad (r < rg) \\
+        ds &= \textstyle\sum_m g \odot t \\
+        db &= \textstyle\sum_m dy, \qquad dW = dy^T x \ \text{(if W is trainable; plain matmul)}
+
+    Only the gradients in ``ctx.needs_input_grad`` are computed. Saved: x, t, and
+    references to W, D, s, U (no copies).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, grad_rows):
+        save_t = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        y, t = adapter_linear_fwd(x, weight, bias, down, scale, up, seed, dropout_p,
+                                  drop_rows, save_t)
+        ctx.save_for_backward(x, weight, down, scale, up, t, seed)
+        ctx.dropout_p, ctx.drop_rows, ctx.grad_rows = dropout_p, drop_rows, grad_rows
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, down, scale, up, t, seed = ctx.saved_tensors
+        need_x, need_w, need_b, need_d, need_s, need_u = ctx.needs_input_grad[:6]
+        dx, d_down, d_scale, d_up = adapter_linear_bwd(
+            dy, x, weight, down, scale, up, t, seed, ctx.dropout_p, ctx.drop_rows,
+            ctx.grad_rows, need_x, need_d, need_s, need_u)
+        acc = _acc_dtype(x)
+        d_weight = (dy.T.to(acc) @ x.to(acc)).to(weight.dtype) if need_w else None
+        d_bias = dy.sum(0, dtype=acc).to(ctx.bias_dtype) if need_b else None
+        return (dx if need_x else None, d_weight, d_bias, d_down if need_d else None,
+                d_scale if need_s else None, d_up if need_u else None, None, None, None, None)

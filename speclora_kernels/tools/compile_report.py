@@ -1,0 +1,284 @@
+"""Compile every autotune config of every fused-adapter kernel for GPU targets, no GPU needed.
+
+    python -m speclora_kernels.tools.compile_report [--archs 80,90] [--dtype bf16]
+                                                   [--quick] [--jobs N] [--json PATH]
+
+The launchers run in "dry run" on meta tensors for representative shapes (decode, short
+prompts, training, wide rank), so each kernel is compiled with exactly the arguments,
+constexprs and JIT specialization (16-byte alignment, unit strides) a real launch would
+use. For each launch every autotune config that its pruning keeps for the target's shared
+memory is compiled with ``triton.compile(ASTSource, GPUTarget)``; configs pruned for
+shared memory are listed, not compiled. ``cuobjdump`` (bundled with Triton) gives
+registers, spills (local memory) and static shared memory; the SASS shows whether the
+tensor cores run as HGMMA (Hopper wgmma) or HMMA (mma.sync).
+
+A row passes when it has no spills, its shared memory fits the target, and on sm_90 the
+GEMM kernels (forward, dx) with BLOCK_M >= 64 use HGMMA. Exit status 1 if any row fails.
+"""
+from __future__ import annotations
+
+import os
+
+# Compile for real targets: the interpreter must be off before triton is imported.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from speclora_kernels.ops import fused_linear as fl  # noqa: E402
+
+# Max shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# (name, M, in, out, R, dropout): forward + backward launches at these shapes cover every
+# config of every kernel, on both paths.
+SCENARIOS = [
+    ("decode", 16, 4096, 4096, 16, True),        # fused, BLOCK_M 16
+    ("decode-r64", 16, 4096, 4096, 64, True),    # fused, widest register-resident rank
+    ("prompt-32", 32, 4096, 4096, 16, True),     # fused, BLOCK_M <= 32
+    ("prompt-64", 64, 4096, 4096, 16, False),    # fused, BLOCK_M <= 64
+    ("prompt-64-drop", 64, 4096, 4096, 16, True),
+    ("decode-r256", 16, 4096, 4096, 256, True),  # split at small M (rank too wide to fuse)
+    ("decode-narrow", 16, 4096, 128, 64, True),  # split at small M (R > out tile / 4)
+    ("prompt-32-r128", 32, 4096, 4096, 128, False),
+    ("train", 4096, 4096, 4096, 64, True),       # split, tensor-core tiles
+    ("train-nodrop", 4096, 4096, 4096, 16, False),
+]
+QUICK = ("decode", "train")
+
+
+@dataclass
+class Job:
+    kernel: str
+    scenario: str
+    variant: str
+    config: str
+    arch: int
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    num_warps: int
+    num_stages: int
+    block_m: int
+    smem_estimate: int
+
+
+@dataclass
+class Row:
+    kernel: str
+    scenario: str
+    variant: str
+    config: str
+    arch: int
+    regs: int = 0
+    spills: int = 0
+    smem: int = 0
+    smem_limit: int = 0
+    mma: str = "-"
+    seconds: float = 0.0
+    status: str = "ok"
+
+
+def _launches(M, K, N, R, dropout, dtype):
+    """The (TunedKernel, args) launches of one forward + backward at this shape."""
+    meta = dict(device="meta", dtype=dtype)
+    x, w, b = torch.empty(M, K, **meta), torch.empty(N, K, **meta), torch.empty(N, **meta)
+    d, s, u = torch.empty(R, K, **meta), torch.empty(R, device="meta"), torch.empty(N, R, **meta)
+    t = torch.empty(M, R, device="meta")
+    # representative dropout: the trainable rows of a SpecLoRA-like layout
+    drop = dict(seed=12345, dropout_p=0.1 if dropout else 0.0, drop_rows=R // 2 or 1)
+    with fl.record_launches(dry_run=True) as launches:
+        fl.adapter_forward(x, w, b, d, s, u, save_t=True, **drop)
+        fl.adapter_backward(torch.empty(M, N, **meta), x, w, d, s, u, t, grad_rows=R // 2 or 1,
+                            need_dx=True, need_ddown=True, need_dscale=True, need_dup=True,
+                            **drop)
+    return launches
+
+
+def _specialize(fn, args: dict):
+    """Signature, constexprs and attributes exactly as the JIT would specialize ``args``."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        if param.is_constexpr:  # tuned ones (BLOCK_*) come with the config
+            signature[param.name] = "constexpr"
+            if param.name in args:
+                constexprs[param.name] = args[param.name]
+            continue
+        value = args[param.name]
+        ty, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[param.name] = ty
+        if ty == "constexpr":  # integer 1 (unit strides): folded like a real launch
+            constexprs[param.name] = value
+        elif isinstance(attr, str) and attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def _variant(kernel, args) -> str:
+    flags = [k for k in ("FUSE_DOWN", "FUSE_UP", "STORE_T", "STORE_G", "HAS_DROPOUT",
+                         "NEED_DU", "NEED_DD", "NEED_DS") if args.get(k)]
+    return f"R{args['BLOCK_R']} " + ",".join(f.lower() for f in flags)
+
+
+def _config_name(cfg) -> str:
+    tiles = "x".join(str(v) for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
+    group = f" g{cfg.kwargs['GROUP_M']}" if "GROUP_M" in cfg.kwargs else ""
+    return f"{tiles}{group} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _tile_area(cfg) -> int:
+    blocks = [v for k, v in cfg.kwargs.items() if k.startswith("BLOCK")]
+    return blocks[0] * blocks[1]
+
+
+def plan(archs, dtype, scenarios, extremes_only=False):
+    """Unique compile jobs over the scenarios, plus rows for configs pruned by shared memory.
+    ``extremes_only``: per launch only the smallest and the largest fitting tile."""
+    jobs, pruned, seen, covered = [], [], set(), {k.name: set() for k in fl.KERNELS}
+    for scenario, M, K, N, R, dropout in scenarios:
+        for kernel, args in _launches(M, K, N, R, dropout, dtype):
+            fitting = [c for c in kernel.configs if kernel.fits(c, args)]
+            if extremes_only:
+                fitting = list({id(c): c for c in (min(fitting, key=_tile_area),
+                                                   max(fitting, key=_tile_area))}.values())
+            signature, constexprs, attrs = _specialize(kernel.fn, args)
+            for arch in archs:
+                for cfg in fitting:
+                    key = (kernel.name, arch, _config_name(cfg), str(sorted(signature.items())),
+                           str(sorted(constexprs.items())), str(sorted(attrs.items())))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    estimate = kernel.smem_bytes(cfg, args)
+                    if estimate > SMEM_LIMIT[arch]:
+                        pruned.append(Row(kernel.name, scenario, _variant(kernel, args),
+                                          _config_name(cfg), arch, smem=estimate,
+                                          smem_limit=SMEM_LIMIT[arch],
+                                          status="pruned (smem estimate)"))
+                        continue
+                    covered[kernel.name].add(_config_name(cfg))
+                    jobs.append(Job(kernel.name, scenario, _variant(kernel, args),
+                                    _config_name(cfg), arch, signature,
+                                    {**constexprs, **cfg.kwargs}, attrs,
+                                    cfg.num_warps, cfg.num_stages, cfg.kwargs["BLOCK_M"],
+                                    estimate))
+    return jobs, pruned, covered
+
+
+def _resources(cubin: bytes):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    field = lambda name: int(re.search(rf"\b{name}:(\d+)", usage).group(1))  # noqa: E731
+    mma = next((op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass)), "-")
+    return field("REG"), field("LOCAL") + field("STACK"), field("SHARED"), mma
+
+
+def compile_job(job: Job) -> Row:
+    kernel = next(k for k in fl.KERNELS if k.name == job.kernel)
+    start = time.perf_counter()
+    row = Row(job.kernel, job.scenario, job.variant, job.config, job.arch,
+              smem_limit=SMEM_LIMIT[job.arch])
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=kernel.fn, signature=job.signature, constexprs=job.constexprs,
+                      attrs=job.attrs),
+            target=GPUTarget("cuda", job.arch, 32),
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        row.regs, row.spills, static_smem, row.mma = _resources(compiled.asm["cubin"])
+        row.smem = compiled.metadata.shared + static_smem
+    except Exception as e:  # a config that does not build is a failing row, not a crash
+        row.status = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        return row
+    finally:
+        row.seconds = time.perf_counter() - start
+    problems = []
+    if row.spills:
+        problems.append("spills")
+    if row.smem > row.smem_limit:
+        problems.append("smem")
+    if job.arch >= 90 and job.kernel in GEMM_KERNELS and job.block_m >= 64 and row.mma != "HGMMA":
+        problems.append("no HGMMA")
+    row.status = "ok" if not problems else "FAIL: " + ", ".join(problems)
+    return row
+
+
+def format_table(rows) -> str:
+    head = ("kernel", "scenario", "variant", "config", "sm", "regs", "spills", "smem KB",
+            "limit KB", "mma", "s", "status")
+    body = [(r.kernel, r.scenario, r.variant, r.config, str(r.arch), str(r.regs), str(r.spills),
+             f"{r.smem / 1024:.1f}", f"{r.smem_limit / 1024:.0f}", r.mma, f"{r.seconds:.1f}",
+             r.status) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"representative subset: scenarios {', '.join(QUICK)}, smallest and "
+                             "largest tile per launch")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compiler processes")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    opts = parser.parse_args(argv)
+
+    archs = [int(a) for a in opts.archs.split(",")]
+    unknown = [a for a in archs if a not in SMEM_LIMIT]
+    if unknown:
+        parser.error(f"--archs: no shared-memory limit known for {unknown}; "
+                     f"use {sorted(SMEM_LIMIT)}")
+    scenarios = [s for s in SCENARIOS if not opts.quick or s[0] in QUICK]
+    start = time.perf_counter()
+    jobs, pruned, covered = plan(archs, DTYPES[opts.dtype], scenarios, extremes_only=opts.quick)
+    if opts.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
+            rows = list(pool.map(compile_job, jobs))
+    else:
+        rows = [compile_job(j) for j in jobs]
+    rows += pruned
+    rows.sort(key=lambda r: (r.kernel, SCENARIOS.index(next(s for s in SCENARIOS
+                                                            if s[0] == r.scenario)),
+                             r.variant, r.config, r.arch))
+    elapsed = time.perf_counter() - start
+
+    print(format_table(rows))
+    failed = [r for r in rows if r.status.startswith("FAIL")]
+    print(f"\n{len(jobs)} compiles ({opts.dtype}, sm_{', sm_'.join(map(str, archs))}) "
+          f"in {elapsed:.0f} s; {len(pruned)} pruned for shared memory; {len(failed)} failed")
+    for kernel in fl.KERNELS:
+        missing = {_config_name(c) for c in kernel.configs} - covered[kernel.name]
+        print(f"{kernel.name}: {len(covered[kernel.name])}/{len(kernel.configs)} configs compiled"
+              + (f"; not covered: {sorted(missing)}" if missing else ""))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
