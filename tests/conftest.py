@@ -8,6 +8,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.9 warns on every compile until this is set; 1 is its current default.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
@@ -20,3 +22,17 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torch_cpu_path(monkeypatch):
+    """Run the op's PyTorch path for CPU tensors even under the interpreter.
+
+    Model-level tests (whole transformers models, training loops) would take minutes in
+    the interpreter; the kernels themselves are proven in tests/test_ops*.py.
+    """
+    from speclora_kernels.ops import autograd
+
+    use_triton = autograd._use_triton
+    monkeypatch.setattr(autograd, "_use_triton",
+                        lambda x, *a, **k: x.is_cuda and use_triton(x, *a, **k))
