@@ -1,0 +1,150 @@
+"""save_adapter / load_adapter on a whole model: PEFT's file names, only adapter tensors,
+bit-exact reload into a fresh model, clear errors for the wrong model."""
+import json
+import os
+
+import pytest
+import torch
+from _tiny_models import logits, options, perturb, single_thread, tiny_llama, token_ids  # noqa: F401
+from safetensors.torch import load_file, save_file
+
+from speclora_kernels import METHODS, AdapterLinear
+from speclora_kernels.integrations import adapter_layers, inject, load_adapter, save_adapter
+
+pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
+ALL = sorted(METHODS)
+
+
+def trained(method, targets="all-linear", seed=0):
+    model = inject(tiny_llama(seed), method, targets, verbose=False, **options(method))
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_save_load_fresh_model_bit_exact(method, tmp_path):
+    ids = token_ids()
+    model = trained(method)
+    want = logits(model, ids)
+    save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    # Only the adapters: trainable tensors + frozen spectral factors, never a base weight;
+    # a shared PiCa M once per target name.
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    expected = {}
+    seen = set()
+    for name, layer in adapter_layers(model).items():
+        for key, t in layer.adapter.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                expected[f"{name}.{key}"] = t
+    assert set(saved) == set(expected)
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    if method == "pica":
+        assert sum(k.endswith(".M") for k in saved) == 7  # 7 target names, 2 layers each
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["format"] == "speclora_kernels.adapter" and len(config["layers"]) == 14
+
+    fresh = tiny_llama()
+    assert load_adapter(fresh, tmp_path) is fresh
+    assert torch.equal(logits(fresh, ids), want)
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    if method == "pica":
+        layers = adapter_layers(fresh)
+        assert layers["model.layers.0.mlp.up_proj"].adapter.M is \
+            layers["model.layers.1.mlp.up_proj"].adapter.M
+
+
+def test_load_into_injected_model(tmp_path):
+    ids = token_ids()
+    model = trained("speclora")
+    save_adapter(model, tmp_path)
+    target = inject(tiny_llama(), "speclora", "all-linear", verbose=False, **options("speclora"))
+    load_adapter(target, tmp_path)
+    assert torch.equal(logits(target, ids), logits(model, ids))
+
+
+def test_frozen_factors_from_another_svd_are_used(tmp_path):
+    """The saved P, sigma, Q are what the adapter was trained with: loading them into a layer
+    whose own SVD differs (e.g. computed elsewhere) reproduces the trained outputs."""
+    ids = token_ids()
+    model = trained("spectral_rotational", ["q_proj"])
+    want = logits(model, ids)
+    save_adapter(model, tmp_path)
+    target = inject(tiny_llama(), "spectral_rotational", ["q_proj"], r=4, svd="randomized",
+                    verbose=False)
+    load_adapter(target, tmp_path)
+    torch.testing.assert_close(logits(target, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatches_raise_and_leave_model_unchanged(tmp_path):
+    model = trained("speclora", ["q_proj", "v_proj"])
+    save_adapter(model, tmp_path)
+
+    other = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: the adapter belongs "
+                                         "to a different pre-trained weight"):
+        load_adapter(other, tmp_path)
+    assert not adapter_layers(other)
+    load_adapter(other, tmp_path, check_base=False)  # explicit opt-out
+    assert len(adapter_layers(other)) == 4
+
+    with pytest.raises(ValueError, match="'model.layers.1.self_attn.q_proj', which the model lacks"):
+        load_adapter(tiny_llama(layers=1), tmp_path)
+    wrong_rank = inject(tiny_llama(), "speclora", ["q_proj", "v_proj"], r=2, k=4, verbose=False)
+    with pytest.raises(ValueError, match="q_proj: the adapter has r=4 but the model's layer has r=2"):
+        load_adapter(wrong_rank, tmp_path)
+    more = inject(tiny_llama(), "speclora", ["q_proj", "v_proj", "k_proj"], verbose=False,
+                  **options("speclora"))
+    with pytest.raises(ValueError, match="adapter layers the file lacks"):
+        load_adapter(more, tmp_path)
+    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
+        load_adapter(tiny_llama(), tmp_path / "missing")
+
+
+def test_corrupt_files_are_rejected(tmp_path):
+    model = trained("lora", ["q_proj"])
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.A"
+    save_file({**tensors, name: tensors[name][:2].contiguous()}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"tensor '{name}' is"):
+        load_adapter(tiny_llama(), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "format": "other"}))
+    with pytest.raises(ValueError, match="neither a speclora_kernels adapter nor a PEFT one"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_training_resumes_after_load(tmp_path):
+    """A loaded adapter trains: gradients reach every adapter tensor and nothing else."""
+    model = trained("speclora", ["q_proj", "down_proj"])
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(tiny_llama(), tmp_path)
+    fresh.train()
+    ids = token_ids()
+    fresh(input_ids=ids, labels=ids).loss.backward()
+    for name, p in fresh.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+        if p.requires_grad:
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_nf4_round_trip_bit_exact(tmp_path):
+    from speclora_kernels.integrations.bnb import quantize_nf4
+
+    ids = token_ids()
+    model = inject(quantize_nf4(tiny_llama()), "speclora", "all-linear", verbose=False,
+                   **options("speclora"))
+    perturb(model)
+    want = logits(model, ids)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {e["source"] for e in config["layers"].values()} == {"Linear4bit"}
+    fresh = load_adapter(quantize_nf4(tiny_llama()), tmp_path)
+    assert all(isinstance(m, AdapterLinear) for m in adapter_layers(fresh).values())
+    assert torch.equal(logits(fresh, ids), want)
+    with pytest.raises(ValueError, match="trained on a Linear4bit base, the model's layer is a Linear"):
+        load_adapter(tiny_llama(), tmp_path)
