@@ -1,0 +1,214 @@
+"""C++ CPU backend of the fused adapter linear (``csrc/``), built on first use.
+
+    y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T
+
+with a dense base or an NF4 base in bitsandbytes' layout (decoded block by block inside the
+product, never as a whole weight), forward and backward, semantics identical to the PyTorch
+path of ``speclora_kernels.ops`` (``_torch_forward`` / ``_torch_backward``).
+
+:func:`load` compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into a cache
+directory the first time it runs in a machine, then loads the library as
+``torch.ops.speclora_cpu``; later processes reuse the cached build. ``python -m
+speclora_kernels.build`` builds it ahead of time. Without a C++ compiler (or ninja)
+:func:`load` warns once, in one line, and returns False; with ``SPECLORA_DISABLE_CPP=1`` it
+returns False silently. Either way every function below still works, on the pure-PyTorch
+path (:mod:`.fallback`).
+
+Environment:
+    SPECLORA_DISABLE_CPP=1   never build or load the C++ backend.
+    SPECLORA_CPU_ISA         cap the kernels' instruction set: ``avx2`` or ``portable``
+                             (default: the best this CPU runs, AVX-512 > AVX2 > portable).
+    TORCH_EXTENSIONS_DIR     cache root (default ``$XDG_CACHE_HOME/speclora_kernels`` or
+                             ``~/.cache/speclora_kernels``).
+    MAX_JOBS                 parallel compile jobs (ninja), as for any torch extension.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..quant.nf4 import NF4Weight
+from . import fallback
+
+__all__ = ["load", "is_available", "build_directory", "isa", "adapter_forward",
+           "adapter_backward", "keep_mask", "forward", "backward"]
+
+_NAME = "speclora_cpu"
+_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_portable.cpp")
+# -ffp-contract=off: the NF4 double-quant scale is a product then a sum, two fp32 roundings
+# as in bitsandbytes; a fused multiply-add would round once and change the weight's bits.
+_CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict = {"loaded": None}
+
+
+def _disabled() -> bool:
+    return os.environ.get("SPECLORA_DISABLE_CPP", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def source_directory() -> Path:
+    """``csrc`` shipped inside the package (wheels) or at the repository root (checkouts)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here.parents[1] / "csrc"):
+        if (candidate / _SOURCES[0]).is_file():
+            return candidate
+    raise FileNotFoundError(f"C++ sources ({_SOURCES[0]}, ...) not found next to {here.parent}")
+
+
+def build_directory() -> Path:
+    """Where the library is compiled and cached: one directory per Python and torch version."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "speclora_kernels")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return Path(root) / tag.replace("+", "_") / _NAME
+
+
+def _compiler_missing() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found; set CXX)"
+    return None
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (first time) and load the C++ ops; True when ``torch.ops.speclora_cpu`` is ready.
+
+    Thread-safe; the outcome is remembered for the process. Failure is not an error: it warns
+    once (one line) and the callers below use the PyTorch path.
+    """
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        if _disabled():
+            _state["loaded"] = False
+            return False
+        reason = _compiler_missing()
+        if reason is None:
+            try:
+                from torch.utils import cpp_extension
+
+                src = source_directory()
+                out = build_directory()
+                out.mkdir(parents=True, exist_ok=True)
+                if not any(out.glob(f"{_NAME}*.so")):
+                    _log.info("building the C++ CPU backend in %s (first use, about 20-60 s)", out)
+                cpp_extension.load(name=_NAME, sources=[str(src / s) for s in _SOURCES],
+                                   extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                   extra_include_paths=[str(src)], build_directory=str(out),
+                                   is_python_module=False, verbose=verbose)
+            except Exception as exc:  # compiler/ninja/linker failure: fall back, say why
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                reason = f"build failed: {lines[-1][:200]}"
+        if reason is not None:
+            warnings.warn(f"speclora_kernels: C++ CPU backend unavailable ({reason}); "
+                          "using the PyTorch path", RuntimeWarning, stacklevel=2)
+        _state["loaded"] = reason is None
+        return _state["loaded"]
+
+
+def is_available() -> bool:
+    """True when the C++ ops are built and loaded (builds them on first call)."""
+    return load()
+
+
+def isa(name: str | None = None) -> str | None:
+    """Instruction set the C++ kernels use (``avx512``, ``avx2``, ``portable``); with ``name``,
+    switch to it first (ValueError if this CPU/build lacks it). None without the backend."""
+    if not load():
+        return None
+    return torch.ops.speclora_cpu.isa(name)
+
+
+def _native(x: torch.Tensor, weight) -> bool:
+    if x.device.type != "cpu" or not load():
+        return False
+    if isinstance(weight, NF4Weight):
+        return x.dtype != torch.float64 and weight.device.type == "cpu"
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return weight.device.type == "cpu" and (
+        weight.dtype == acc or (weight.dtype in (torch.float16, torch.bfloat16) and acc == torch.float32))
+
+
+def _nf4_args(w: NF4Weight) -> tuple:
+    return (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize, w.nested_blocksize,
+            w.out_features, w.dtype)
+
+
+def adapter_forward(x, weight, bias, down, scale, up, keep=None, dropout_p: float = 0.0,
+                    drop_rows: int = 0, save_t: bool = True):
+    """``(y, t)`` for 2-D ``x`` (M, in); ``weight`` is a dense (out, in) tensor or an ``NF4Weight``.
+
+    ``keep``: bool keep-mask shaped like ``x`` (from :func:`keep_mask` or ``dropout_keep_mask``)
+    applied with ``1 / (1 - dropout_p)`` to the input of the first ``drop_rows`` rows of
+    ``down``; None means no dropout. ``t = x' @ down.T`` (fp32, fp64 for fp64 x) is returned
+    when ``save_t`` (else an empty (0, R) tensor). Not differentiable by itself: the autograd
+    Function calls :func:`adapter_backward`.
+    """
+    if not _native(x, weight):
+        return fallback.forward(x, weight, bias, down, scale, up, keep, dropout_p, drop_rows, save_t)
+    if isinstance(weight, NF4Weight):
+        return torch.ops.speclora_cpu.nf4_fwd(x, *_nf4_args(weight), bias, down, scale, up, keep,
+                                              float(dropout_p), int(drop_rows), bool(save_t))
+    return torch.ops.speclora_cpu.dense_fwd(x, weight, bias, down, scale, up, keep,
+                                            float(dropout_p), int(drop_rows), bool(save_t))
+
+
+def adapter_backward(dy, x, weight, down, scale, up, t, keep=None, dropout_p: float = 0.0,
+                     drop_rows: int = 0, grad_rows: int | None = None, need_dx: bool = True,
+                     need_ddown: bool = True, need_dscale: bool = True, need_dup: bool = True):
+    """``(dx, d_down, d_scale, d_up)``; a gradient not asked for is an empty tensor.
+
+    Only the first ``grad_rows`` rows of ``down`` / columns of ``up`` get gradient (the rest
+    zeros); ``t`` is the forward's (needed for ``d_scale`` and ``d_up``).
+    """
+    grad_rows = down.shape[0] if grad_rows is None else int(grad_rows)
+    args = (t, keep, float(dropout_p), int(drop_rows), grad_rows, bool(need_dx),
+            bool(need_ddown), bool(need_dscale), bool(need_dup))
+    if not _native(x, weight):
+        return fallback.backward(dy, x, weight, down, scale, up, *args)
+    if isinstance(weight, NF4Weight):
+        return torch.ops.speclora_cpu.nf4_bwd(dy, x, *_nf4_args(weight), down, scale, up, *args)
+    return torch.ops.speclora_cpu.dense_bwd(dy, x, weight, down, scale, up, *args)
+
+
+def keep_mask(seed, shape, p: float, device=None) -> torch.Tensor:
+    """Dropout keep-mask for an input of 2-D ``shape``, bit-identical to
+    ``ops.dropout.dropout_keep_mask(seed, shape, p)`` (Philox, as the Triton kernels draw it)."""
+    rows, cols = (int(s) for s in shape)
+    if torch.device(device or "cpu").type == "cpu" and load():
+        return torch.ops.speclora_cpu.keep_mask(int(seed), rows, cols, float(p))
+    from ..ops.dropout import dropout_keep_mask
+
+    return dropout_keep_mask(seed, (rows, cols), p, device=device)
+
+
+# ---- drop-ins for ops/autograd.py's _torch_forward / _torch_backward (seed instead of mask)
+def forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
+    """Same signature and result as ``ops.autograd._torch_forward``; dropout iff ``seed`` is
+    given and ``drop_rows > 0``."""
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+    return adapter_forward(x, weight, bias, down, scale, up, keep, dropout_p,
+                           drop_rows if keep is not None else 0, save_t)
+
+
+def backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows, need_dx,
+             need_ddown, need_dscale, need_dup):
+    """Same signature and result as ``ops.autograd._torch_backward``."""
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+    return adapter_backward(dy, x, weight, down, scale, up, t, keep, dropout_p,
+                            drop_rows if keep is not None else 0, grad_rows, need_dx,
+                            need_ddown, need_dscale, need_dup)
