@@ -413,11 +413,10 @@ def test_rejects_bad_arguments():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_torch_compile_fullgraph(monkeypatch):
+def test_torch_compile_fullgraph():
     """A module using the op compiles with fullgraph=True (inductor, CPU) and matches eager,
     dropout included (fallback_random: the compiled seed draw equals eager's)."""
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
 
     class SpecLoRALike(torch.nn.Module):
         def __init__(self):
@@ -441,10 +440,13 @@ def test_torch_compile_fullgraph(monkeypatch):
     x = torch.randn(2, 3, 32, requires_grad=True)
     params = [x, module.a, module.b, module.m]
     results = []
-    for fn in (module, torch.compile(module, fullgraph=True)):
-        torch.manual_seed(1)
-        y = fn(x)
-        results.append((y, torch.autograd.grad((y * y).sum(), params)))
+    # config.patch, not monkeypatch: undoing a setattr on the config module hides the
+    # option from every later compile in the process.
+    with inductor_config.patch(fallback_random=True):
+        for fn in (module, torch.compile(module, fullgraph=True)):
+            torch.manual_seed(1)
+            y = fn(x)
+            results.append((y, torch.autograd.grad((y * y).sum(), params)))
     (y0, g0), (y1, g1) = results
     assert rel_err(y1, y0) < 1e-5
     for a, b in zip(g1, g0):
