@@ -2,9 +2,11 @@
 
 Runs the CLI (``python -m speclora_kernels.tools.compile_report --quick``) in a fresh
 process, where the interpreter is off, on a representative subset (decode and training
-shapes, the smallest and the largest tile of every launch); the full CLI compiles every
-config. Checks: no register spills, shared memory within the target's limit, HGMMA in the
-sm_90 SASS of the GEMM kernels' tiles with BLOCK_M >= 64.
+shapes, dense and NF4 bases, the smallest and the largest tile of every launch); the full
+CLI compiles every config. Checks: no register spills, shared memory within the target's
+limit, HGMMA in the sm_90 SASS of the GEMM kernels' tiles with BLOCK_M >= 64; the NF4
+forward and dx kernels (row decoder and, for in_features not a multiple of the blocksize,
+span decoder) are among the compiled rows on both targets.
 """
 import json
 import os
@@ -21,7 +23,7 @@ def test_compile_report_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "speclora_kernels.tools.compile_report", "--quick",
          "--jobs", "2", "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=170)
+        env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     compiled = [r for r in rows if r["status"] == "ok"]
@@ -37,3 +39,7 @@ def test_compile_report_quick(tmp_path):
                  "_dx_kernel") and int(r["config"].split("x")[0]) >= 64]
     assert big_tiles and all(r["mma"] == "HGMMA" for r in big_tiles)
     assert "failed" in proc.stdout and "0 failed" in proc.stdout
+    nf4 = {(r["kernel"], r["arch"], "nf4_rows" in r["variant"]) for r in compiled
+           if "nf4" in r["variant"]}
+    assert nf4 == {(k, a, rows) for k in ("_fwd_kernel", "_dx_kernel") for a in (80, 90)
+                   for rows in (True, False)}

@@ -1,12 +1,23 @@
 """``AdapterLinear``: a drop-in ``nn.Linear`` whose forward is the one fused adapter op."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..methods import AdapterMethod, get_method
+from ..quant import NF4Weight, quantize_residual
+
+QUANTIZE = ("nf4",)
+# Buffers holding an NF4 base (bitsandbytes' layout, see NF4Weight), by NF4Weight field.
+_NF4_BUFFERS = {"packed": "weight", "absmax": "weight_absmax", "absmax2": "weight_absmax2",
+                "code2": "weight_code2", "offset": "weight_offset"}
+# The spectral term quantized out of an NF4 ``W_res`` base, kept once the adapter's own
+# factors are replaced by others (see ``load_adapter_tensors``).
+_BASE_TERM = ("base_P", "base_sigma", "base_Q")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -24,30 +35,88 @@ def _check_dropout(dropout, adapter: AdapterMethod) -> float:
     return float(dropout)
 
 
+def _linear4bit_weight(linear: nn.Linear) -> NF4Weight | None:
+    """The NF4 weight of a ``bitsandbytes.nn.Linear4bit`` as bitsandbytes stores it (no copy,
+    no re-quantization); None for any other layer. bitsandbytes is not imported here: if it
+    was never imported, no module can be a Linear4bit."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or not isinstance(linear, bnb.nn.Linear4bit):
+        return None
+    state = getattr(linear.weight, "quant_state", None)
+    quant_type = state.quant_type if state is not None else getattr(linear.weight, "quant_type", None)
+    if quant_type != "nf4":
+        raise ValueError(f"linear is a Linear4bit with quant_type={quant_type!r}; only 'nf4' bases "
+                         f"are supported (FP4 has another code book and layout)")
+    if state is None:
+        raise ValueError("linear is a Linear4bit whose weight is not quantized yet (bitsandbytes "
+                         "quantizes it when the module is moved to a device: call .to(device) "
+                         "first)")
+    return NF4Weight.from_bnb(linear)
+
+
 class AdapterLinear(nn.Module):
     """``y = x @ W'.T + b`` with ``W' = base + U diag(s) D`` built by an adapter method.
 
-    The base ``weight`` and ``bias`` are frozen ``nn.Parameter``s (``requires_grad=False``)
-    named as in ``nn.Linear``; only the method's parameters (``self.adapter``) train.
-    Build it with :meth:`from_linear`. The input must have the base weight's dtype (as
+    The base ``weight`` and ``bias`` are frozen (``requires_grad=False``) and named as in
+    ``nn.Linear``; only the method's parameters (``self.adapter``) train. Build it with
+    :meth:`from_linear`.
+
+    Dense base: ``weight`` is a frozen ``nn.Parameter``. The input must have its dtype (as
     for ``nn.Linear``); under ``torch.autocast`` input and base are cast to the autocast
     dtype. The output has the input's dtype and shape ``(..., out_features)``.
+
+    NF4 base (``quant_type == "nf4"``): bitsandbytes' packed codes and block scales are
+    buffers (``weight``: uint8 codes, ``weight_absmax``, and with double quant
+    ``weight_absmax2``, ``weight_code2``, ``weight_offset``); the op decodes them tile by
+    tile, the dense weight is never formed. As bitsandbytes' ``Linear4bit``, the input is
+    cast to ``compute_dtype`` (its own dtype if None) and the output back to the input's
+    dtype. ``module.to(dtype)`` moves but never converts the quantized state.
+
+    Spectral methods (``replaces_base``) want ``W_res = W0 - P diag(sigma) Q.T`` as base. With
+    ``residual_base=False`` the given base is ``W0`` itself (an NF4 ``Linear4bit`` cannot be
+    re-quantized) and the layer appends the frozen rows ``D = Q.T``, ``s = -sigma``,
+    ``U = P`` to the method's factors (rank ``R = 2r``; they get no gradient and no dropout).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, adapter: AdapterMethod,
-                 dropout: float = 0.0):
+    def __init__(self, weight: torch.Tensor | NF4Weight, bias: torch.Tensor | None,
+                 adapter: AdapterMethod, dropout: float = 0.0, *,
+                 compute_dtype: torch.dtype | None = None, residual_base: bool = True):
         super().__init__()
         if not isinstance(adapter, AdapterMethod):
             raise TypeError(f"adapter must be an AdapterMethod, got {type(adapter).__name__}")
-        if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()
-                and weight.dim() == 2):
-            raise TypeError("weight must be a 2-D floating tensor (out_features x in_features)")
+        quantized = isinstance(weight, NF4Weight)
+        if not quantized and not (isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                                  and weight.dim() == 2):
+            raise TypeError("weight must be a 2-D floating tensor (out_features x in_features) "
+                            "or an NF4Weight")
         shape = (adapter.out_features, adapter.in_features)
         if tuple(weight.shape) != shape:
             raise ValueError(f"weight must have the adapter's shape {shape}, "
                              f"got {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        if compute_dtype is not None and not quantized:
+            raise ValueError("compute_dtype is for an NF4 base only; a dense base computes in "
+                             "its own dtype")
+        if compute_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"compute_dtype must be None, float16, bfloat16 or float32, "
+                            f"got {compute_dtype}")
+        if not isinstance(residual_base, bool):
+            raise TypeError(f"residual_base must be a bool, got {type(residual_base).__name__}")
+        self.out_features, self.in_features = shape
+        self.quant_type = "nf4" if quantized else None
+        self.compute_dtype = compute_dtype
+        self.residual_base = residual_base
+        self._nf4_cache = None
+        if quantized:
+            for field, name in _NF4_BUFFERS.items():
+                t = getattr(weight, field)
+                if t is not None:
+                    self.register_buffer(name, t)
+            self._nf4_meta = dict(shape=weight.shape, dtype=weight.dtype,
+                                  blocksize=weight.blocksize,
+                                  nested_blocksize=weight.nested_blocksize,
+                                  quant_storage=weight.quant_storage)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_parameter(
             "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
         self.adapter = adapter
@@ -59,8 +128,10 @@ class AdapterLinear(nn.Module):
                     k: int | None = None, alpha: float | None = None, dropout: float = 0.0, *,
                     svd: str | None = None, shared: nn.Parameter | None = None,
                     adapter_dtype: torch.dtype | None = None,
-                    generator: torch.Generator | None = None) -> "AdapterLinear":
-        """Wrap a pre-trained ``linear``.
+                    generator: torch.Generator | None = None, quantize: str | None = None,
+                    blocksize: int | None = None,
+                    double_quant: bool | None = None) -> "AdapterLinear":
+        """Wrap a pre-trained ``linear`` (``nn.Linear`` or bitsandbytes NF4 ``Linear4bit``).
 
         Args:
             method: a key of :data:`speclora_kernels.METHODS`.
@@ -75,17 +146,26 @@ class AdapterLinear(nn.Module):
             adapter_dtype: parameter dtype, float32 (default) or float64 (default for a
                 float64 base).
             generator: RNG for the initial ``A`` and the randomized SVD sketch.
+            quantize: ``"nf4"`` stores a dense ``linear``'s base as NF4 (QLoRA), with
+                ``blocksize`` (default 64) and ``double_quant`` (default True), computing in
+                the weight's dtype like ``Linear4bit(compute_dtype=weight.dtype)``.
 
         Options a method does not use raise ``ValueError`` rather than being ignored. For
         ``lora``, ``speclora`` and ``pica`` the layer takes over ``linear.weight``'s storage
         (no copy; ``merge()`` writes into it, as PEFT does); the ``spectral_*`` methods
         store a new residual base ``W_res``.
+
+        NF4: a ``Linear4bit`` (``quant_type="nf4"``; FP4 is refused) is used as bitsandbytes
+        stored it, never re-quantized; its ``compute_dtype`` is kept. The SVD is that of the
+        dequantized weight, so at init the layer computes what the quantized layer does.
+        The spectral methods cannot put an NF4 ``W0`` into ``W_res`` form, so they keep
+        ``W0`` and subtract ``P diag(sigma) Q.T`` through extra frozen rows (see the class
+        docstring). From a dense ``linear`` with ``quantize="nf4"`` they SVD the dense
+        ``W0`` and quantize ``W_res`` instead: the top-r directions stay exact and the
+        residual has a smaller range, so the base loses less to quantization.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        if not weight.is_floating_point():
-            raise TypeError(f"linear.weight must be a floating tensor, got {weight.dtype}")
         method_cls = get_method(method)
         opts = {}
         for name, value in (("r", r), ("k", k), ("alpha", alpha), ("svd", svd),
@@ -96,19 +176,139 @@ class AdapterLinear(nn.Module):
                 raise ValueError(f"{name} is not used by method={method!r} "
                                  f"(it takes {', '.join(method_cls.options)})")
             opts[name] = value
-        adapter = method_cls(weight, adapter_dtype=adapter_dtype, generator=generator, **opts)
+        build = dict(adapter_dtype=adapter_dtype, generator=generator, **opts)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(adapter.base_weight(weight), bias, adapter, dropout)
 
-    # -- base weight: every read and write of the frozen base goes through these two, so a
-    # quantized base can replace the dense one here only.
+        nf4 = _linear4bit_weight(linear)
+        if nf4 is not None:
+            if quantize is not None:
+                raise ValueError(f"quantize={quantize!r} is for a dense nn.Linear; linear is a "
+                                 f"Linear4bit, already NF4 (it is used as it is)")
+            cls._check_no_quant_options(blocksize, double_quant, "linear is a Linear4bit")
+            adapter = method_cls(nf4.dequantize(torch.float32), **build)
+            return cls(nf4, bias, adapter, dropout, compute_dtype=linear.compute_dtype,
+                       residual_base=not adapter.replaces_base)
+
+        weight = linear.weight.detach()
+        if not weight.is_floating_point():
+            raise TypeError(f"linear.weight must be a floating tensor, got {weight.dtype}")
+        if quantize is None:
+            cls._check_no_quant_options(blocksize, double_quant, "quantize is None")
+            adapter = method_cls(weight, **build)
+            return cls(adapter.base_weight(weight), bias, adapter, dropout)
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be None or one of {QUANTIZE}, got {quantize!r}")
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"quantize='nf4' needs a float16, bfloat16 or float32 linear.weight, "
+                            f"got {weight.dtype}")
+        if double_quant is not None and not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        qopts = dict(blocksize=64 if blocksize is None else blocksize,
+                     double_quant=True if double_quant is None else double_quant)
+        if method_cls.replaces_base:
+            adapter = method_cls(weight, **build)
+            nf4 = quantize_residual(weight, adapter.P, adapter.sigma, adapter.Q.T, **qopts)
+        else:
+            nf4 = NF4Weight.quantize(weight, **qopts)
+            adapter = method_cls(nf4.dequantize(torch.float32), **build)
+        return cls(nf4, bias, adapter, dropout, compute_dtype=weight.dtype)
+
+    @staticmethod
+    def _check_no_quant_options(blocksize, double_quant, why: str) -> None:
+        for name, value in (("blocksize", blocksize), ("double_quant", double_quant)):
+            if value is not None:
+                raise ValueError(f"{name} is only used with quantize='nf4' ({why}), "
+                                 f"got {name}={value!r}")
+
+    # -- base weight: every read and write of the frozen base goes through these.
+    def nf4_weight(self) -> NF4Weight:
+        """The NF4 base as an :class:`NF4Weight` over this layer's buffers (no copy)."""
+        if self.quant_type is None:
+            raise RuntimeError("this AdapterLinear has a dense base (weight); it has no NF4 "
+                               "weight")
+        tensors = {field: getattr(self, name, None) for field, name in _NF4_BUFFERS.items()}
+        cached = self._nf4_cache
+        if cached is None or any(cached[0][f] is not t for f, t in tensors.items()):
+            meta = self._nf4_meta
+            w = NF4Weight(tensors.pop("packed"), tensors.pop("absmax"), meta["shape"],
+                          meta["dtype"], meta["blocksize"],
+                          nested_blocksize=meta["nested_blocksize"],
+                          quant_storage=meta["quant_storage"], **tensors)
+            self._nf4_cache = cached = (
+                {field: getattr(self, name, None) for field, name in _NF4_BUFFERS.items()}, w)
+        return cached[1]
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """dtype of the dense base, or the dtype an NF4 base dequantizes to."""
+        return self._nf4_meta["dtype"] if self.quant_type else self.weight.dtype
+
     def _base(self, dtype: torch.dtype):
         bias = None if self.bias is None else self.bias.to(dtype)
+        if self.quant_type is not None:
+            return self.nf4_weight(), bias
         return self.weight.to(dtype), bias
 
+    def _dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base as a dense tensor (a new one for NF4: merging and export only)."""
+        if self.quant_type is not None:
+            return self.nf4_weight().dequantize(dtype)
+        return self.weight.to(dtype)
+
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if self.quant_type is not None:
+            raise RuntimeError("an NF4 base is never written (that would re-quantize it)")
         acc = torch.promote_types(self.weight.dtype, delta.dtype)
         self.weight.copy_((self.weight.to(acc) + delta).to(self.weight.dtype))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() would convert the NF4 scales (float32 by format): let
+        # them follow the device only.
+        keep = {name: self._buffers[name] for name in _NF4_BUFFERS.values()
+                if self._buffers.get(name) is not None and self._buffers[name].is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self._nf4_cache = None
+        return self
+
+    # -- factors: the method's, plus the frozen rows that remove the spectral term from a W0 base
+    def _base_correction(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Frozen ``(D, s, U)`` blocks that turn the stored base into the method's base."""
+        a = self.adapter
+        if not a.replaces_base:
+            return []
+        blocks = []
+        if not self.residual_base:
+            blocks.append((a.Q.T, -a.sigma, a.P))
+        elif "base_P" in self._buffers:
+            blocks += [(self.base_Q.T, self.base_sigma, self.base_P), (a.Q.T, -a.sigma, a.P)]
+        return blocks
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op's ``(D, s, U)``: the method's factors, then any frozen correction rows.
+        The first ``adapter.grad_rows`` / ``adapter.dropout_rows`` rows are the method's."""
+        down, scale, up = self.adapter.factors()
+        extra = self._base_correction()
+        if not extra:
+            return down, scale, up
+        downs, scales, ups = zip(*extra)
+        return (torch.cat([down, *downs]), torch.cat([scale, *scales]),
+                torch.cat([up, *ups], dim=1))
+
+    @property
+    def rank(self) -> int:
+        """R, the number of rows of ``D`` the op sees (correction rows included)."""
+        return self.adapter.rank + sum(d.shape[0] for d, _, _ in self._base_correction())
+
+    @torch.no_grad()
+    def _delta_weight(self) -> torch.Tensor:
+        """``U diag(s) D`` of :meth:`factors` (out x in) in float32 or better."""
+        down, scale, up = self.factors()
+        acc = torch.promote_types(down.dtype, torch.float32)
+        return (up.to(acc) * scale.to(acc)) @ down.to(acc)
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -129,6 +329,9 @@ class AdapterLinear(nn.Module):
             dtype = torch.get_autocast_dtype(kind)
             with torch.autocast(kind, enabled=False):
                 return self._forward(x.to(dtype))
+        if self.quant_type is not None:
+            # bitsandbytes' Linear4bit: compute in compute_dtype, return x's dtype.
+            return self._forward(x.to(self.compute_dtype or x.dtype)).to(x.dtype)
         if x.dtype != self.weight.dtype:
             raise TypeError(f"x must have the base weight's dtype {self.weight.dtype}, "
                             f"got {x.dtype}")
@@ -138,7 +341,7 @@ class AdapterLinear(nn.Module):
         weight, bias = self._base(x.dtype)
         if self.merged:
             return F.linear(x, weight, bias)
-        down, scale, up = self.adapter.factors()
+        down, scale, up = self.factors()
         # D, U in x's dtype; s keeps float32 precision (float64 for float64 inputs).
         y = ops.fused_adapter_linear(
             x.reshape(-1, self.in_features), weight, bias, down.to(x.dtype),
@@ -150,10 +353,20 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base: ``W <- W + U diag(s) D``, computed in float32 or
-        better and rounded once to the base dtype. Forward then uses the base only."""
+        better and rounded once to the base dtype. Forward then uses the base only.
+
+        An NF4 base is refused: folding would re-quantize it, silently changing the
+        pre-trained weight's rounding. Use :meth:`merged_weight` for the dense merged weight
+        (``merge_and_unload`` builds dense ``nn.Linear`` layers from it), and quantize that
+        explicitly (``NF4Weight.quantize``) if a 4-bit merged model is wanted.
+        """
+        if self.quant_type is not None:
+            raise RuntimeError("merge() on an NF4 base would re-quantize it; use "
+                               "merged_weight() for the dense merged weight, or keep the "
+                               "adapter unmerged")
         if self.merged:
             raise RuntimeError("AdapterLinear is already merged; call unmerge() first")
-        self._add_to_base(self.adapter.delta_weight())
+        self._add_to_base(self._delta_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -164,25 +377,30 @@ class AdapterLinear(nn.Module):
         must not change while merged."""
         if not self.merged:
             raise RuntimeError("AdapterLinear is not merged; call merge() first")
-        self._add_to_base(-self.adapter.delta_weight())
+        self._add_to_base(-self._delta_weight())
         self.merged = False
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``base + U diag(s) D`` in the base dtype, as a new tensor (the layer is unchanged)."""
+        """``base + U diag(s) D`` in the base dtype, as a new dense tensor (the layer is
+        unchanged). For an NF4 base: the dequantized base plus the delta in float32, rounded
+        once to the dtype the NF4 weight dequantizes to."""
         if self.merged:
             return self.weight.detach().clone()
-        delta = self.adapter.delta_weight()
-        acc = torch.promote_types(self.weight.dtype, delta.dtype)
-        return (self.weight.to(acc) + delta).to(self.weight.dtype)
+        delta = self._delta_weight()
+        acc = torch.promote_types(self.base_dtype, delta.dtype)
+        return (self._dense_base(acc) + delta).to(self.base_dtype)
 
     def adapter_config(self) -> dict:
         """Method, ranks, shapes and dtypes: what a saved adapter must match to load."""
-        return {**self.adapter.config(), "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None,
-                "dropout": self.dropout,
-                "adapter_dtype": _dtype_name(next(self.adapter.parameters()).dtype),
-                "base_dtype": _dtype_name(self.weight.dtype)}
+        config = {**self.adapter.config(), "in_features": self.in_features,
+                  "out_features": self.out_features, "bias": self.bias is not None,
+                  "dropout": self.dropout,
+                  "adapter_dtype": _dtype_name(next(self.adapter.parameters()).dtype),
+                  "base_dtype": _dtype_name(self.base_dtype)}
+        if self.quant_type is not None:
+            config["base_quant"] = self.quant_type
+        return config
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's parameters and frozen factors by name (detached, shared storage)."""
@@ -194,8 +412,11 @@ class AdapterLinear(nn.Module):
 
         Names, shapes and dtypes must match exactly. When the frozen factors of a
         ``spectral_*`` method differ from the layer's own (e.g. an SVD computed on another
-        device), the residual base is re-derived so that ``W_res + P diag(sigma) Q.T`` still
-        equals the pre-trained weight.
+        device), the base is re-derived so that it plus ``P diag(sigma) Q.T`` still equals
+        the pre-trained weight: a dense ``W_res`` is updated in place; an NF4 ``W_res``
+        cannot be, so the layer keeps the term it was quantized with (``base_P``,
+        ``base_sigma``, ``base_Q``) and adds it back through frozen rows; an NF4 ``W0`` base
+        (``residual_base=False``) needs nothing.
         """
         if self.merged:
             raise RuntimeError("cannot load into a merged AdapterLinear; call unmerge() first")
@@ -209,18 +430,43 @@ class AdapterLinear(nn.Module):
                 raise ValueError(f"adapter tensor {name!r} must be {own[name].dtype} "
                                  f"{tuple(own[name].shape)}, got {t.dtype} {tuple(t.shape)}")
         frozen = {n for n, _ in self.adapter.named_buffers() if n in own}
-        rebase = self.adapter.replaces_base and any(
+        rebase = self.adapter.replaces_base and self.residual_base and any(
             not torch.equal(own[n], tensors[n].to(own[n].device)) for n in frozen)
-        old_term = self.adapter.frozen_term() if rebase else None
+        old_term = None
+        if rebase and self.quant_type is None:
+            old_term = self.adapter.frozen_term()
+        elif rebase and "base_P" not in self._buffers:
+            for name in _BASE_TERM:
+                self.register_buffer(name, own[name.removeprefix("base_")].clone())
         for name, t in tensors.items():
             own[name].copy_(t)
-        if rebase:
+        if old_term is not None:
             self._add_to_base(old_term - self.adapter.frozen_term())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state dict that holds an NF4 W_res base also says which term it was quantized
+        # with (base_P, ... or none): take that over so that base and term stay a pair.
+        if (self.quant_type is not None and self.adapter.replaces_base and self.residual_base
+                and f"{prefix}weight" in state_dict):
+            present = f"{prefix}base_P" in state_dict
+            if present and "base_P" not in self._buffers:
+                for name in _BASE_TERM:
+                    self.register_buffer(name, torch.empty_like(
+                        getattr(self.adapter, name.removeprefix("base_"))))
+            elif not present:
+                for name in _BASE_TERM:
+                    self._buffers.pop(name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         cfg = self.adapter.config()
         ranks = ", ".join(f"{key}={cfg[key]}" for key in ("r", "k", "alpha") if key in cfg)
+        base = ""
+        if self.quant_type is not None:
+            meta = self._nf4_meta
+            dq = ", double_quant" if "weight_absmax2" in self._buffers else ""
+            base = f", base=nf4 (blocksize={meta['blocksize']}{dq})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.adapter.name}, {ranks}, "
-                f"R={self.adapter.rank}, dropout={self.dropout}, "
+                f"R={self.rank}, dropout={self.dropout}{base}, "
                 f"trainable={self.adapter.num_trainable()}" + (", merged" if self.merged else ""))

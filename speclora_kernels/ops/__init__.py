@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_adapter_inputs
-from .autograd import FusedAdapterLinearFunction
+from ..quant import NF4Weight
+from .autograd import FusedAdapterLinearFunction, NF4AdapterLinearFunction
 from .dropout import dropout_keep_mask, dropout_seed
 
 
@@ -19,7 +20,9 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
 
     Args:
         x: (..., in) input, float16 / bfloat16 / float32 (float64 runs in PyTorch).
-        weight: (out, in) dense base weight in x's dtype (never copied).
+        weight: (out, in) dense base weight in x's dtype (never copied), or a frozen
+            ``NF4Weight`` (bitsandbytes' layout), decoded tile by tile to x's dtype inside
+            the kernels, never materialised (the CPU fallback dequantizes).
         bias: (out,) or None.
         down: (R, in) ``D``; up: (out, R) ``U``; cast to x's dtype if they differ.
         scale: (R,) ``s``, float32 or x's dtype.
@@ -32,9 +35,14 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     ``torch.manual_seed`` makes runs reproducible; ``dropout_keep_mask(seed, x.shape, p)``
     regenerates the mask the kernels used.
     """
+    nf4 = isinstance(weight, NF4Weight)
     rd, rg = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows,
-                                  grad_rows)
-    if weight.dtype != x.dtype:
+                                  grad_rows, weight_shape=tuple(weight.shape) if nf4 else None)
+    if nf4:
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all "
+                             f"tensors must share one device")
+    elif weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype} (it is never copied), "
                         f"got {weight.dtype}")
     if scale.dtype not in (torch.float32, x.dtype):
@@ -43,11 +51,16 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     active = bool(training) and float(dropout_p) > 0 and rd > 0
     seed = dropout_seed() if active else None
     x2d = x.reshape(-1, x.shape[-1])
-    y = FusedAdapterLinearFunction.apply(x2d, weight, bias, down, scale, up, seed,
-                                         float(dropout_p) if active else 0.0,
-                                         rd if active else 0, rg)
+    drop = (float(dropout_p) if active else 0.0, rd if active else 0, rg)
+    if nf4:
+        y = NF4AdapterLinearFunction.apply(x2d, weight.packed, weight.absmax, weight.absmax2,
+                                           weight.code2, weight.offset, weight.blocksize,
+                                           weight.nested_blocksize, bias, down, scale, up, seed,
+                                           *drop)
+    else:
+        y = FusedAdapterLinearFunction.apply(x2d, weight, bias, down, scale, up, seed, *drop)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["fused_adapter_linear", "FusedAdapterLinearFunction", "dropout_keep_mask",
-           "dropout_seed"]
+__all__ = ["fused_adapter_linear", "FusedAdapterLinearFunction", "NF4AdapterLinearFunction",
+           "dropout_keep_mask", "dropout_seed"]

@@ -10,6 +10,11 @@ Each dispatches per call: CUDA tensors run the Triton kernels (``fused_linear``)
 tensors run the PyTorch path below, except under ``TRITON_INTERPRET=1``, where they run
 the Triton kernels in the interpreter; float64 always runs the PyTorch path. Both paths
 draw the same dropout mask (``dropout.py``), so a seed means the same thing everywhere.
+
+An NF4 base has its own pair, ``adapter_linear_nf4_fwd`` / ``adapter_linear_nf4_bwd``: the
+bitsandbytes tensors (packed codes, absmax, and absmax2, code2, offset with double quant)
+and the block sizes replace ``W``. The kernels decode tiles in registers; only the PyTorch
+path dequantizes (``dequantize_nf4``, to x's dtype, as the kernels round their tiles).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..quant import NF4Weight, dequantize_nf4
 from .dropout import dropout_keep_mask
 
 try:
@@ -171,3 +177,106 @@ class FusedAdapterLinearFunction(torch.autograd.Function):
         d_bias = dy.sum(0, dtype=acc).to(ctx.bias_dtype) if need_b else None
         return (dx if need_x else None, d_weight, d_bias, d_down if need_d else None,
                 d_scale if need_s else None, d_up if need_u else None, None, None, None, None)
+
+
+# ------------------------------------------------------------------ NF4 base
+def _nf4_base(packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize):
+    return _triton.NF4Base(packed, absmax, absmax2, code2, offset, tuple(shape), blocksize,
+                           nested_blocksize)
+
+
+def _nf4_dense(packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize, dtype):
+    """The PyTorch path's dense weight (bitsandbytes' decode rounded to ``dtype``)."""
+    w = NF4Weight(packed, absmax, shape, torch.float32, blocksize, absmax2=absmax2, code2=code2,
+                  offset=offset, nested_blocksize=nested_blocksize)
+    return dequantize_nf4(w, dtype)
+
+
+@torch.library.custom_op("speclora_kernels::adapter_linear_nf4_fwd", mutates_args=())
+def adapter_linear_nf4_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
+                           code2: Optional[Tensor], offset: Optional[Tensor], blocksize: int,
+                           nested_blocksize: int, bias: Optional[Tensor], down: Tensor,
+                           scale: Tensor, up: Tensor, seed: Optional[Tensor], dropout_p: float,
+                           drop_rows: int, save_t: bool) -> tuple[Tensor, Tensor]:
+    """``adapter_linear_fwd`` with an NF4 base of shape (up.shape[0], x.shape[1])."""
+    shape = (up.shape[0], x.shape[1])
+    nf4 = (packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize)
+    if _use_triton(x, down.shape[0]):
+        return _triton.adapter_forward(x, _nf4_base(*nf4), bias, down, scale, up,
+                                       int(seed) if seed is not None else 0,
+                                       dropout_p if seed is not None else 0.0,
+                                       drop_rows if seed is not None else 0, save_t)
+    return _torch_forward(x, _nf4_dense(*nf4, x.dtype), bias, down, scale, up, seed, dropout_p,
+                          drop_rows, save_t)
+
+
+@adapter_linear_nf4_fwd.register_fake
+def _(x, packed, absmax, absmax2, code2, offset, blocksize, nested_blocksize, bias, down, scale,
+      up, seed, dropout_p, drop_rows, save_t):
+    rows = x.shape[0] if save_t else 0
+    return (x.new_empty((x.shape[0], up.shape[0])),
+            x.new_empty((rows, down.shape[0]), dtype=_acc_dtype(x)))
+
+
+@torch.library.custom_op("speclora_kernels::adapter_linear_nf4_bwd", mutates_args=())
+def adapter_linear_nf4_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor,
+                           absmax2: Optional[Tensor], code2: Optional[Tensor],
+                           offset: Optional[Tensor], blocksize: int, nested_blocksize: int,
+                           down: Tensor, scale: Tensor, up: Tensor, t: Tensor,
+                           seed: Optional[Tensor], dropout_p: float, drop_rows: int,
+                           grad_rows: int, need_dx: bool, need_ddown: bool, need_dscale: bool,
+                           need_dup: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``adapter_linear_bwd`` with an NF4 base."""
+    shape = (up.shape[0], x.shape[1])
+    nf4 = (packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize)
+    if _use_triton(x, down.shape[0]):
+        return _triton.adapter_backward(dy, x, _nf4_base(*nf4), down, scale, up, t,
+                                        int(seed) if seed is not None else 0,
+                                        dropout_p if seed is not None else 0.0,
+                                        drop_rows if seed is not None else 0, grad_rows,
+                                        need_dx, need_ddown, need_dscale, need_dup)
+    weight = _nf4_dense(*nf4, x.dtype) if need_dx else None  # only dx = dy @ W reads W
+    return _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows,
+                           grad_rows, need_dx, need_ddown, need_dscale, need_dup)
+
+
+@adapter_linear_nf4_bwd.register_fake
+def _(dy, x, packed, absmax, absmax2, code2, offset, blocksize, nested_blocksize, down, scale, up,
+      t, seed, dropout_p, drop_rows, grad_rows, need_dx, need_ddown, need_dscale, need_dup):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(down) if need_ddown else x.new_empty(0),
+            torch.empty_like(scale) if need_dscale else x.new_empty(0),
+            torch.empty_like(up) if need_dup else x.new_empty(0))
+
+
+class NF4AdapterLinearFunction(torch.autograd.Function):
+    """:class:`FusedAdapterLinearFunction` on a frozen NF4 base: the same gradients (none
+    for the base). Saved: x, t, and references to the NF4 tensors, D, s, U; the dense
+    weight is never formed (the kernels decode it again, tile by tile, for dx)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, absmax2, code2, offset, blocksize, nested_blocksize,
+                bias, down, scale, up, seed, dropout_p, drop_rows, grad_rows):
+        save_t = ctx.needs_input_grad[10] or ctx.needs_input_grad[11]
+        y, t = adapter_linear_nf4_fwd(x, packed, absmax, absmax2, code2, offset, blocksize,
+                                      nested_blocksize, bias, down, scale, up, seed, dropout_p,
+                                      drop_rows, save_t)
+        ctx.save_for_backward(x, packed, absmax, absmax2, code2, offset, down, scale, up, t,
+                              seed)
+        ctx.blocks = (blocksize, nested_blocksize)
+        ctx.dropout_p, ctx.drop_rows, ctx.grad_rows = dropout_p, drop_rows, grad_rows
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, packed, absmax, absmax2, code2, offset, down, scale, up, t, seed = ctx.saved_tensors
+        need_x, need_b, need_d, need_s, need_u = (ctx.needs_input_grad[i]
+                                                  for i in (0, 8, 9, 10, 11))
+        dx, d_down, d_scale, d_up = adapter_linear_nf4_bwd(
+            dy, x, packed, absmax, absmax2, code2, offset, *ctx.blocks, down, scale, up, t, seed,
+            ctx.dropout_p, ctx.drop_rows, ctx.grad_rows, need_x, need_d, need_s, need_u)
+        d_bias = dy.sum(0, dtype=_acc_dtype(x)).to(ctx.bias_dtype) if need_b else None
+        return (dx if need_x else None, None, None, None, None, None, None, None, d_bias,
+                d_down if need_d else None, d_scale if need_s else None,
+                d_up if need_u else None, None, None, None, None)

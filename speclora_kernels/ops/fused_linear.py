@@ -25,16 +25,26 @@ Backward, with g = dy @ U (M x R), gs = g * s:
 
 Launches: forward 1 (fused) / 2 (split); backward with every gradient 2 / 3.
 Saved for backward: x and the small fp32 t; never a copy of W.
+
+NF4 base (``NF4Base``: bitsandbytes' packed codes and block scales): the forward and dx
+kernels take it in place of W (constexpr ``NF4``); ``_load_weight_tile`` decodes each tile
+in registers (``quant.triton_nf4``), so the dense weight never exists in memory. With
+``K % blocksize == 0`` (``NF4_ROWS``, every real layer) the row decoder reads contiguous
+bytes and one scale per row and block; otherwise the span decoder (rows starting mid-byte
+or mid-block).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..quant.triton_nf4 import nf4_dequant_rows, nf4_dequant_span
 
 # True when kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import).
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -44,20 +54,37 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 # Device helpers
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _load_weight_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk,
-                      TRANSPOSED: tl.constexpr):
-    """Base-weight tile W[offs_n][:, offs_k] (1-D indices) as (BLOCK_N, BLOCK_K), or its
-    transpose (BLOCK_K, BLOCK_N) for ``x @ W.T``; zeros outside (N, K).
+def _load_weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, offs_k, k0,
+                      N, K, stride_wn, stride_wk, TRANSPOSED: tl.constexpr, NF4: tl.constexpr,
+                      NF4_ROWS: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
+                      NF4_DOUBLE_QUANT: tl.constexpr, NF4_NESTED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Base-weight tile W[offs_n][:, offs_k] (1-D indices; ``offs_k`` starts at ``k0``) as
+    (BLOCK_N, BLOCK_K), or its transpose (BLOCK_K, BLOCK_N) for ``x @ W.T``; zeros outside
+    (N, K). The only place a kernel touches the base weight.
 
-    The only place a kernel touches the base weight. A quantized base plugs in here as a
-    constexpr-selected alternative with the same contract: NF4 packed nibbles + block
-    absmax dequantized in registers (``quant.triton_nf4.nf4_dequant_tile`` / ``_tile_t``).
+    Dense: a strided load. NF4 (``w_ptr`` the packed codes, the scale pointers as in
+    ``quant.triton_nf4``): decoded in registers to ``OUT_DTYPE`` (the activations' dtype),
+    bit-identical to bitsandbytes' dequantize rounded to that dtype.
     """
-    if TRANSPOSED:
-        n, k = offs_n[None, :], offs_k[:, None]
+    if NF4:
+        if NF4_ROWS:
+            w = nf4_dequant_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                 k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCKSIZE, NF4_DOUBLE_QUANT,
+                                 NF4_NESTED, OUT_DTYPE)
+        else:
+            w = nf4_dequant_span(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                 k0, N, K, BLOCK_N, BLOCK_K, NF4_BLOCKSIZE, NF4_DOUBLE_QUANT,
+                                 NF4_NESTED, OUT_DTYPE)
+        if TRANSPOSED:
+            w = tl.trans(w)
     else:
-        n, k = offs_n[:, None], offs_k[None, :]
-    return tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=(n < N) & (k < K), other=0.0)
+        if TRANSPOSED:
+            n, k = offs_n[None, :], offs_k[:, None]
+        else:
+            n, k = offs_n[:, None], offs_k[None, :]
+        w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=(n < N) & (k < K), other=0.0)
+    return w
 
 
 @triton.jit
@@ -160,13 +187,16 @@ def _down_back_step(acc, acc_drop, g, offs_r, offs_k, r0, s_ptr, d_ptr, R, K, st
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, d_ptr, s_ptr, u_ptr, t_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    bias_ptr, d_ptr, s_ptr, u_ptr, t_ptr, y_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_dr, stride_dk,
     stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
     seed, dropout_p, drop_rows,
     HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, STORE_T: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NF4: tl.constexpr, NF4_ROWS: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
+    NF4_DOUBLE_QUANT: tl.constexpr, NF4_NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T for one (BLOCK_M, BLOCK_N) tile.
@@ -188,7 +218,10 @@ def _fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=row_ok & (offs_k[None, :] < K), other=0.0)
-        w = _load_weight_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, True)
+        w = _load_weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                              offs_k, k0, N, K, stride_wn, stride_wk, True, NF4, NF4_ROWS,
+                              NF4_BLOCKSIZE, NF4_DOUBLE_QUANT, NF4_NESTED, BLOCK_N, BLOCK_K,
+                              x_ptr.dtype.element_ty)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if FUSE_DOWN:
             d = tl.load(d_ptr + offs_r[None, :] * stride_dr + offs_k[:, None] * stride_dk,
@@ -255,13 +288,16 @@ def _proj_kernel(
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, w_ptr, d_ptr, s_ptr, u_ptr, g_ptr, dx_ptr,
+    dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    d_ptr, s_ptr, u_ptr, g_ptr, dx_ptr,
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dr, stride_dk,
     stride_un, stride_ur, stride_gm, stride_gr, stride_dxm, stride_dxk,
     seed, dropout_p, drop_rows,
     FUSE_UP: tl.constexpr, STORE_G: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NF4: tl.constexpr, NF4_ROWS: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
+    NF4_DOUBLE_QUANT: tl.constexpr, NF4_NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx = dy @ W + keep/(1-p) * (gs_drop @ D) + gs_clean @ D for one (BLOCK_M, BLOCK_K)
@@ -284,7 +320,10 @@ def _dx_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=row_ok & (offs_n[None, :] < N), other=0.0)
-        w = _load_weight_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, False)
+        w = _load_weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                              offs_k, pid_k * BLOCK_K, N, K, stride_wn, stride_wk, False, NF4,
+                              NF4_ROWS, NF4_BLOCKSIZE, NF4_DOUBLE_QUANT, NF4_NESTED, BLOCK_N,
+                              BLOCK_K, dy_ptr.dtype.element_ty)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         if FUSE_UP:
             u = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur,
@@ -448,10 +487,44 @@ def _row_block_fits(block_m: int, M: int) -> bool:
     return block_m <= _pow2(M) and (M < 128 or block_m >= 64)
 
 
+# Registers per thread an NF4 tile may take (sm_80/90, tools/compile_report): the span
+# decoder's decoded weight elements; the row decoder's accumulator plus decoded elements.
+NF4_SPAN_ELEMENTS = 32
+NF4_ROWS_ELEMENTS = 160
+
+
+def _nf4_fits(cfg, a, block_out: int, block_n: int, block_k: int, dx: bool) -> bool:
+    """NF4 tiles that compile without register spills (tools/compile_report, sm_80 and sm_90).
+
+    ``block_out``: the output tile width (BLOCK_N forward, BLOCK_K dx); the decoded weight
+    tile is (block_n, block_k). Span decoder (K not a multiple of the blocksize): at most
+    ``NF4_SPAN_ELEMENTS`` decoded weight elements per thread (at decode sizes the 32-row
+    tile, see ``_rows_for``). Row decoder: fp32 accumulator plus decoded weight elements at
+    most ``NF4_ROWS_ELEMENTS`` per thread (drops the 128 x 256 x 64 tile), and in dx no
+    128 x 128 weight tile whose row segments span two scale blocks (8 bytes of spill on
+    sm_80 at 8 warps).
+    """
+    if not a.get("NF4"):
+        return True
+    threads = 32 * cfg.num_warps
+    if not a["NF4_ROWS"]:
+        return block_n * block_k <= NF4_SPAN_ELEMENTS * threads
+    if dx and block_n >= 128 and block_k >= 128 and block_k > a["NF4_BLOCKSIZE"]:
+        return False
+    return cfg.kwargs["BLOCK_M"] * block_out + block_n * block_k <= NF4_ROWS_ELEMENTS * threads
+
+
+def _rows_for(a) -> int:
+    """The M the row-tile rule sees: the NF4 span decoder's only spill-free small tile is 32
+    rows tall, so it may run at M <= 16 too."""
+    return max(a["M"], 17) if a.get("NF4") and not a["NF4_ROWS"] else a["M"]
+
+
 def _fwd_fits(cfg, a) -> bool:
     b = cfg.kwargs
-    ok = (_row_block_fits(b["BLOCK_M"], a["M"]) and b["BLOCK_N"] <= _pow2(a["N"])
-          and b["BLOCK_K"] <= _pow2(a["K"]))
+    ok = (_row_block_fits(b["BLOCK_M"], _rows_for(a)) and b["BLOCK_N"] <= _pow2(a["N"])
+          and b["BLOCK_K"] <= _pow2(a["K"])
+          and _nf4_fits(cfg, a, b["BLOCK_N"], b["BLOCK_N"], b["BLOCK_K"], dx=False))
     if a["FUSE_DOWN"] and a["HAS_DROPOUT"]:  # x tile + its keep-mask beside the accumulator
         ok = ok and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
     return ok and (not a["FUSE_DOWN"] or a["R"] <= fused_rank_limit(b["BLOCK_N"]))
@@ -466,8 +539,9 @@ def _fwd_smem(cfg, a) -> int:
 
 def _dx_fits(cfg, a) -> bool:
     b = cfg.kwargs
-    ok = (_row_block_fits(b["BLOCK_M"], a["M"]) and b["BLOCK_K"] <= _pow2(a["K"])
-          and b["BLOCK_N"] <= _pow2(a["N"]))
+    ok = (_row_block_fits(b["BLOCK_M"], _rows_for(a)) and b["BLOCK_K"] <= _pow2(a["K"])
+          and b["BLOCK_N"] <= _pow2(a["N"])
+          and _nf4_fits(cfg, a, b["BLOCK_K"], b["BLOCK_N"], b["BLOCK_K"], dx=True))
     if a["HAS_DROPOUT"]:  # two fp32 output accumulators (clean, dropped): <= 128 regs/thread
         ok = ok and 2 * b["BLOCK_M"] * b["BLOCK_K"] <= 128 * 32 * cfg.num_warps
     return ok and (not a["FUSE_UP"] or a["R"] <= fused_rank_limit(b["BLOCK_K"]))
@@ -594,7 +668,8 @@ def record_launches(dry_run: bool = False):
 
 FWD = TunedKernel(
     _fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
-    key=["M", "N", "K", "R", "HAS_BIAS", "FUSE_DOWN", "STORE_T", "HAS_DROPOUT", "BLOCK_R"],
+    key=["M", "N", "K", "R", "HAS_BIAS", "FUSE_DOWN", "STORE_T", "HAS_DROPOUT", "BLOCK_R",
+         "NF4", "NF4_ROWS"],
     fits=_fwd_fits, smem_bytes=_fwd_smem,
     grid=lambda a: (triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"]),))
 PROJ = TunedKernel(
@@ -603,7 +678,7 @@ PROJ = TunedKernel(
     grid=lambda a: (triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["R"], a["BLOCK_R"]),))
 DX = TunedKernel(
     _dx_kernel, _gemm_configs("BLOCK_K", "BLOCK_N"),
-    key=["M", "N", "K", "R", "FUSE_UP", "STORE_G", "HAS_DROPOUT", "BLOCK_R"],
+    key=["M", "N", "K", "R", "FUSE_UP", "STORE_G", "HAS_DROPOUT", "BLOCK_R", "NF4", "NF4_ROWS"],
     fits=_dx_fits, smem_bytes=_dx_smem,
     grid=lambda a: (triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["K"], a["BLOCK_K"]),))
 
@@ -683,15 +758,53 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class NF4Base(NamedTuple):
+    """An NF4 base weight as the kernels take it: bitsandbytes' tensors and layout (see
+    ``quant.NF4Weight``; ``absmax2``, ``code2``, ``offset`` are None without double quant)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax2: Optional[torch.Tensor]
+    code2: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    shape: tuple
+    blocksize: int
+    nested_blocksize: int
+
+
+def _weight_args(weight) -> dict:
+    """Kernel arguments for the base weight: a dense (N, K) tensor or an ``NF4Base``."""
+    if isinstance(weight, NF4Base):
+        dq = weight.absmax2 is not None
+        scales = (weight.absmax2, weight.code2, weight.offset) if dq else (weight.absmax,) * 3
+        return dict(w_ptr=weight.packed, absmax_ptr=weight.absmax, absmax2_ptr=scales[0],
+                    code2_ptr=scales[1], offset_ptr=scales[2], stride_wn=0, stride_wk=0,
+                    NF4=True, NF4_ROWS=weight.shape[1] % weight.blocksize == 0,
+                    NF4_BLOCKSIZE=weight.blocksize, NF4_DOUBLE_QUANT=dq,
+                    NF4_NESTED=weight.nested_blocksize)
+    return dict(w_ptr=weight, absmax_ptr=weight, absmax2_ptr=weight, code2_ptr=weight,
+                offset_ptr=weight, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                NF4=False, NF4_ROWS=False, NF4_BLOCKSIZE=64, NF4_DOUBLE_QUANT=False,
+                NF4_NESTED=256)
+
+
+def _fused_rank_cap(weight) -> int:
+    """Widest rank a fused launch takes on this base: the NF4 span decoder's tiles (see
+    ``_nf4_fits``) are at most 64 wide at small M, so its fused rank limit is that tile's."""
+    if isinstance(weight, NF4Base) and weight.shape[1] % weight.blocksize:
+        return fused_rank_limit(64)
+    return FUSED_MAX_RANK
+
+
 def adapter_forward(x, weight, bias, down, scale, up, seed: int, dropout_p: float,
                     drop_rows: int, save_t: bool):
-    """Triton forward on 2-D ``x`` (M, K). Dropout is active iff ``dropout_p > 0`` and
-    ``drop_rows > 0``. Returns ``(y, t)``: y (M, N) in x's dtype; t = x' @ D.T (M, R) fp32
+    """Triton forward on 2-D ``x`` (M, K), ``weight`` a dense (N, K) tensor or an ``NF4Base``.
+    Dropout is active iff ``dropout_p > 0`` and ``drop_rows > 0``. Returns ``(y, t)``: y (M, N) in x's dtype; t = x' @ D.T (M, R) fp32
     if ``save_t`` else an empty (0, R) tensor."""
     M, K = x.shape
     N, R = weight.shape[0], down.shape[0]
     has_dropout = dropout_p > 0 and drop_rows > 0
-    fused = use_fused_path(M, N, K, R, has_dropout)
+    fused = use_fused_path(M, N, K, R, has_dropout) and R <= _fused_rank_cap(weight)
     y = _empty((M, N), x.dtype, x.device)
     t = _empty((M, R), torch.float32, x.device) if (save_t or not fused) else y
     drop = dict(seed=int(seed), dropout_p=float(dropout_p),
@@ -703,10 +816,9 @@ def adapter_forward(x, weight, bias, down, scale, up, seed: int, dropout_p: floa
              stride_br=down.stride(0), stride_bk=down.stride(1),
              stride_om=t.stride(0), stride_or=t.stride(1),
              HAS_DROPOUT=has_dropout, BLOCK_R=_rank_block(R, 128), **drop)
-    FWD(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, d_ptr=down,
+    FWD(x_ptr=x, **_weight_args(weight), bias_ptr=bias if bias is not None else y, d_ptr=down,
         s_ptr=scale, u_ptr=up, t_ptr=t, y_ptr=y, M=M, N=N, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_dr=down.stride(0), stride_dk=down.stride(1),
         stride_un=up.stride(0), stride_ur=up.stride(1),
         stride_tm=t.stride(0), stride_tr=t.stride(-1),
@@ -720,7 +832,8 @@ def adapter_forward(x, weight, bias, down, scale, up, seed: int, dropout_p: floa
 def adapter_backward(dy, x, weight, down, scale, up, t, seed: int, dropout_p: float,
                      drop_rows: int, grad_rows: int, need_dx: bool, need_ddown: bool,
                      need_dscale: bool, need_dup: bool):
-    """Triton backward on 2-D ``dy`` (M, N), ``x`` (M, K); ``t`` from the forward (needed
+    """Triton backward on 2-D ``dy`` (M, N), ``x`` (M, K), ``weight`` dense or ``NF4Base``;
+    ``t`` from the forward (needed
     for dU and ds). Returns ``(dx, d_down, d_scale, d_up)``; a gradient not asked for is an
     empty tensor, and nothing is computed for it."""
     M, K = x.shape
@@ -730,7 +843,8 @@ def adapter_backward(dy, x, weight, down, scale, up, t, seed: int, dropout_p: fl
     drop = dict(seed=int(seed), dropout_p=float(dropout_p),
                 drop_rows=int(drop_rows) if has_dropout else 0,
                 DOT_PRECISION=_dot_precision(x.dtype))
-    fused = need_dx and use_fused_path(M, K, N, R)  # dx draws each mask element once
+    # dx draws each mask element once
+    fused = need_dx and use_fused_path(M, K, N, R) and R <= _fused_rank_cap(weight)
     need_g_buffer = need_g or (need_dx and not fused)
     g = _empty((M, R), torch.float32, x.device) if need_g_buffer else x.new_empty(0)
 
@@ -743,10 +857,9 @@ def adapter_backward(dy, x, weight, down, scale, up, t, seed: int, dropout_p: fl
     dx = x.new_empty(0)
     if need_dx:
         dx = _empty((M, K), x.dtype, x.device)
-        DX(dy_ptr=dy, w_ptr=weight, d_ptr=down, s_ptr=scale, u_ptr=up,
+        DX(dy_ptr=dy, **_weight_args(weight), d_ptr=down, s_ptr=scale, u_ptr=up,
            g_ptr=g if g.numel() else dx, dx_ptr=dx, M=M, N=N, K=K, R=R,
            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-           stride_wn=weight.stride(0), stride_wk=weight.stride(1),
            stride_dr=down.stride(0), stride_dk=down.stride(1),
            stride_un=up.stride(0), stride_ur=up.stride(1),
            stride_gm=g.stride(0) if g.numel() else 0, stride_gr=g.stride(-1),

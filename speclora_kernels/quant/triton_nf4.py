@@ -15,6 +15,13 @@ byte ``i >> 1``, high nibble when ``i`` is even, scale ``i // BLOCKSIZE``. Rows 
 mid-byte when K is odd and blocks span rows when K % BLOCKSIZE != 0; both are handled.
 Masked-out elements come back as 0.
 
+The fused kernels decode tiles with two cheaper functions: when every row starts a block
+(``K % BLOCKSIZE == 0``, the case of real layers), :func:`nf4_dequant_rows` reads contiguous
+byte runs (one load per byte, both nibbles used) and one scale per row and block; for any
+other K, :func:`nf4_dequant_span` reads two contiguous byte runs per row (rows may start
+in a low nibble) and selects each element's scale among the few blocks its row segment
+spans. Neither gathers per element.
+
 Host side: ``nf4_kernel_args(w)`` gives the pointer arguments and constexprs for an
 :class:`~speclora_kernels.quant.NF4Weight`; ``dequantize_nf4_triton(w)`` is a standalone
 tile-by-tile dequantize kernel (tests, merging adapters into a dense weight).
@@ -35,6 +42,8 @@ __all__ = [
     "nf4_dequant_at",
     "nf4_dequant_tile",
     "nf4_dequant_tile_t",
+    "nf4_dequant_rows",
+    "nf4_dequant_span",
     "nf4_kernel_args",
     "dequantize_nf4_triton",
 ]
@@ -157,6 +166,103 @@ def nf4_dequant_tile_t(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_pt
     return _cast(w, OUT_DTYPE)
 
 
+@triton.jit
+def nf4_dequant_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr = 256,
+                     OUT_DTYPE: tl.constexpr = tl.float32):
+    """Tile ``W[offs_n, k0 : k0 + BLOCK_K]`` as (BLOCK_N x BLOCK_K) for ``K % BLOCKSIZE == 0``.
+
+    Same values as :func:`nf4_dequant_tile` (bit for bit), cheaper: row ``n`` starts at byte
+    ``n * K / 2`` and at block ``n * K / BLOCKSIZE``, so each row's bytes are one contiguous
+    (vectorizable) run of BLOCK_K / 2 bytes whose high and low nibbles are the even and odd
+    columns, and each (row, block) scale is decoded once and broadcast over its columns.
+    ``k0`` must be a multiple of BLOCK_K (power of 2, >= 2); rows >= N or columns >= K give 0.
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    row = offs_n.to(tl.int64)
+    row_ok = offs_n < N
+    offs_b = k0 // 2 + tl.arange(0, HALF)
+    ok = row_ok[:, None] & (offs_b[None, :] < K // 2)  # K is even: a byte is in or out whole
+    byte = tl.load(packed_ptr + row[:, None] * (K // 2) + offs_b[None, :], mask=ok,
+                   other=0).to(tl.int32)
+    blocks_per_row = K // BLOCKSIZE
+    # Scales on the (BLOCK_N, HALF) byte grid: both nibbles of a byte share a block.
+    if BLOCK_K > BLOCKSIZE:
+        PER_TILE: tl.constexpr = BLOCK_K // BLOCKSIZE
+        col_blk = k0 // BLOCKSIZE + tl.arange(0, PER_TILE)
+        scale = nf4_block_scale(row[:, None] * blocks_per_row + col_blk[None, :],
+                                row_ok[:, None] & (col_blk[None, :] < blocks_per_row),
+                                absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT,
+                                NESTED_BLOCKSIZE)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, PER_TILE, BLOCKSIZE // 2)),
+                           (BLOCK_N, HALF))
+    else:  # the tile lies inside one block of each row
+        scale = nf4_block_scale(row * blocks_per_row + k0 // BLOCKSIZE, row_ok, absmax_ptr,
+                                absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT,
+                                NESTED_BLOCKSIZE)[:, None]
+    even = _cast(tl.where(ok, _mul_rn(nf4_lookup(byte >> 4), scale), 0.0), OUT_DTYPE)
+    odd = _cast(tl.where(ok, _mul_rn(nf4_lookup(byte & 0xF), scale), 0.0), OUT_DTYPE)
+    # join puts (even, odd) side by side on a new last axis: columns 2j, 2j + 1
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _span_scale(first, rel, row_ok, n_blocks, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                SPAN: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr):
+    """Scale of the elements at offset ``rel`` (int32, any shape ending in a column axis) from
+    block ``first`` (int64 per row) of their row: one decode per row and block, selected."""
+    scale = nf4_block_scale(first, row_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                            DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]
+    for c in tl.static_range(1, SPAN):
+        other = nf4_block_scale(first + c, row_ok & (first + c < n_blocks), absmax_ptr,
+                                absmax2_ptr, code2_ptr, offset_ptr, DOUBLE_QUANT,
+                                NESTED_BLOCKSIZE)
+        scale = tl.where(rel >= c * BLOCKSIZE, other[:, None], scale)
+    return scale
+
+
+@triton.jit
+def nf4_dequant_span(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr = 256,
+                     OUT_DTYPE: tl.constexpr = tl.float32):
+    """Tile ``W[offs_n, k0 : k0 + BLOCK_K]`` as (BLOCK_N x BLOCK_K) for any K.
+
+    Same values as :func:`nf4_dequant_tile` (bit for bit). A row segment starts at flat
+    element ``s = n * K + k0``: in byte ``s // 2``, in its high nibble if ``s`` is even, and
+    inside block ``s // BLOCKSIZE``. Columns ``2j`` and ``2j + 1`` come from two contiguous
+    byte runs, ``a = bytes[s // 2 + j]`` and ``b = bytes[s // 2 + j + 1]``: (hi a, lo a) for an
+    even start, (lo a, hi b) for an odd one. The segment spans at most
+    ``ceil(BLOCK_K / BLOCKSIZE) + 1`` blocks, decoded once per row and selected per element.
+    ``k0`` must be a multiple of BLOCK_K (>= 2); outside (N, K) gives 0.
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    SPAN: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1
+    row_ok = offs_n < N
+    start = offs_n.to(tl.int64) * K + k0
+    odd = (start & 1) != 0
+    j = tl.arange(0, HALF)
+    ok_even = row_ok[:, None] & (k0 + 2 * j[None, :] < K)
+    ok_odd = row_ok[:, None] & (k0 + 2 * j[None, :] + 1 < K)
+    row_bytes = packed_ptr + (start >> 1)
+    a = tl.load(row_bytes[:, None] + j[None, :], mask=ok_even, other=0)
+    b = tl.load(row_bytes[:, None] + 1 + j[None, :], mask=ok_odd & odd[:, None], other=0)
+    nib_even = tl.where(odd[:, None], a & 0xF, a >> 4)
+    nib_odd = tl.where(odd[:, None], b >> 4, a & 0xF)
+    first = start // BLOCKSIZE
+    rel = (start % BLOCKSIZE).to(tl.int32)[:, None] + 2 * j[None, :]
+    n_blocks = (N.to(tl.int64) * K + BLOCKSIZE - 1) // BLOCKSIZE
+    scale = _span_scale(first, rel, row_ok, n_blocks, absmax_ptr, absmax2_ptr, code2_ptr,
+                        offset_ptr, SPAN, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    even = _cast(tl.where(ok_even, _mul_rn(nf4_lookup(nib_even), scale), 0.0), OUT_DTYPE)
+    scale = _span_scale(first, rel + 1, row_ok, n_blocks, absmax_ptr, absmax2_ptr, code2_ptr,
+                        offset_ptr, SPAN, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    odd_cols = _cast(tl.where(ok_odd, _mul_rn(nf4_lookup(nib_odd), scale), 0.0), OUT_DTYPE)
+    return tl.reshape(tl.join(even, odd_cols), (BLOCK_N, BLOCK_K))
+
+
 def nf4_kernel_args(w: NF4Weight):
     """``(packed, absmax, absmax2, code2, offset)`` and ``dict(BLOCKSIZE=..., DOUBLE_QUANT=...,
     NESTED_BLOCKSIZE=...)`` to pass to a kernel that calls the functions above."""
@@ -188,12 +294,32 @@ def _dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, 
         tl.store(ptrs, w, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
+@triton.jit
+def _dequant_rows_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
+                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if ALIGNED:
+        w = nf4_dequant_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                             tl.program_id(1) * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                             NESTED_BLOCKSIZE, out_ptr.dtype.element_ty)
+    else:
+        w = nf4_dequant_span(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                             tl.program_id(1) * BLOCK_K, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                             NESTED_BLOCKSIZE, out_ptr.dtype.element_ty)
+    ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(ptrs, w, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
 def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, block_n: int = 32, block_k: int = 64,
-                          transposed: bool = False) -> torch.Tensor:
+                          transposed: bool = False, rows: bool = False) -> torch.Tensor:
     """Dense weight from NF4 by the Triton tile decoder (same bits as ``dequantize_nf4``).
 
-    ``transposed`` decodes (BLOCK_K x BLOCK_N) tiles with :func:`nf4_dequant_tile_t`; the
-    stored result is the same (out x in) weight either way.
+    ``transposed`` decodes (BLOCK_K x BLOCK_N) tiles with :func:`nf4_dequant_tile_t`; ``rows``
+    uses the fused kernels' decoders, :func:`nf4_dequant_rows` when ``in_features`` is a
+    multiple of the blocksize, else :func:`nf4_dequant_span`; the stored result is the same
+    (out x in) weight either way.
     """
     ptrs, consts = nf4_kernel_args(w)
     dtype = w.dtype if dtype is None else dtype
@@ -203,5 +329,10 @@ def dequantize_nf4_triton(w: NF4Weight, dtype=None, out=None, block_n: int = 32,
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(w.shape)} on {w.device}")
     n, k = w.shape
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](*ptrs, out, n, k, **consts, BLOCK_N=block_n, BLOCK_K=block_k, TRANSPOSED=transposed)
+    if rows:
+        _dequant_rows_kernel[grid](*ptrs, out, n, k, **consts, BLOCK_N=block_n, BLOCK_K=block_k,
+                                   ALIGNED=k % w.blocksize == 0)
+    else:
+        _dequant_kernel[grid](*ptrs, out, n, k, **consts, BLOCK_N=block_n, BLOCK_K=block_k,
+                              TRANSPOSED=transposed)
     return out

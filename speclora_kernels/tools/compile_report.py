@@ -1,10 +1,13 @@
 """Compile every autotune config of every fused-adapter kernel for GPU targets, no GPU needed.
 
     python -m speclora_kernels.tools.compile_report [--archs 80,90] [--dtype bf16]
-                                                   [--quick] [--jobs N] [--json PATH]
+                                                   [--quick] [--scenarios a,b] [--jobs N]
+                                                   [--json PATH]
 
 The launchers run in "dry run" on meta tensors for representative shapes (decode, short
-prompts, training, wide rank), so each kernel is compiled with exactly the arguments,
+prompts, training, wide rank), on a dense base and on an NF4 base (bitsandbytes layout,
+blocks of 64, double quant or not; in_features a multiple of 64 for the row decoder, or
+not for the span decoder), so each kernel is compiled with exactly the arguments,
 constexprs and JIT specialization (16-byte alignment, unit strides) a real launch would
 use. For each launch every autotune config that its pruning keeps for the target's shared
 memory is compiled with ``triton.compile(ASTSource, GPUTarget)``; configs pruned for
@@ -47,21 +50,29 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
-# (name, M, in, out, R, dropout): forward + backward launches at these shapes cover every
-# config of every kernel, on both paths.
+# (name, M, in, out, R, dropout, base): forward + backward launches at these shapes cover
+# every config of every kernel, on both paths. base: "dense", "nf4" (double quant),
+# "nf4-nodq"; in_features 4000 (not a multiple of 64) takes the NF4 span decoder.
 SCENARIOS = [
-    ("decode", 16, 4096, 4096, 16, True),        # fused, BLOCK_M 16
-    ("decode-r64", 16, 4096, 4096, 64, True),    # fused, widest register-resident rank
-    ("prompt-32", 32, 4096, 4096, 16, True),     # fused, BLOCK_M <= 32
-    ("prompt-64", 64, 4096, 4096, 16, False),    # fused, BLOCK_M <= 64
-    ("prompt-64-drop", 64, 4096, 4096, 16, True),
-    ("decode-r256", 16, 4096, 4096, 256, True),  # split at small M (rank too wide to fuse)
-    ("decode-narrow", 16, 4096, 128, 64, True),  # split at small M (R > out tile / 4)
-    ("prompt-32-r128", 32, 4096, 4096, 128, False),
-    ("train", 4096, 4096, 4096, 64, True),       # split, tensor-core tiles
-    ("train-nodrop", 4096, 4096, 4096, 16, False),
+    ("decode", 16, 4096, 4096, 16, True, "dense"),        # fused, BLOCK_M 16
+    ("decode-r64", 16, 4096, 4096, 64, True, "dense"),    # fused, widest register-resident rank
+    ("prompt-32", 32, 4096, 4096, 16, True, "dense"),     # fused, BLOCK_M <= 32
+    ("prompt-64", 64, 4096, 4096, 16, False, "dense"),    # fused, BLOCK_M <= 64
+    ("prompt-64-drop", 64, 4096, 4096, 16, True, "dense"),
+    ("decode-r256", 16, 4096, 4096, 256, True, "dense"),  # split at small M (rank too wide to fuse)
+    ("decode-narrow", 16, 4096, 128, 64, True, "dense"),  # split at small M (R > out tile / 4)
+    ("prompt-32-r128", 32, 4096, 4096, 128, False, "dense"),
+    ("train", 4096, 4096, 4096, 64, True, "dense"),       # split, tensor-core tiles
+    ("train-nodrop", 4096, 4096, 4096, 16, False, "dense"),
+    ("decode-nf4", 16, 4096, 4096, 16, True, "nf4"),      # fused, row decoder
+    ("prompt-64-nf4", 64, 4096, 4096, 16, False, "nf4"),
+    ("decode-r256-nf4", 16, 4096, 4096, 256, True, "nf4"),  # split
+    ("train-nf4", 4096, 4096, 4096, 64, True, "nf4"),     # split, tensor-core tiles
+    ("decode-nf4-nodq", 16, 4096, 4096, 16, False, "nf4-nodq"),
+    ("decode-nf4-oddk", 16, 4000, 4096, 16, True, "nf4"),  # span decoder
+    ("train-nf4-oddk", 4096, 4000, 4096, 64, False, "nf4"),
 ]
-QUICK = ("decode", "train")
+QUICK = ("decode", "train", "decode-nf4", "train-nf4", "decode-nf4-oddk")
 
 
 @dataclass
@@ -96,10 +107,23 @@ class Row:
     status: str = "ok"
 
 
-def _launches(M, K, N, R, dropout, dtype):
+def _nf4_base(N, K, double_quant, blocksize=64):
+    """An NF4 weight of bitsandbytes' layout on the meta device."""
+    blocks = -(-N * K // blocksize)
+    u8, f32 = dict(device="meta", dtype=torch.uint8), dict(device="meta", dtype=torch.float32)
+    if not double_quant:
+        return fl.NF4Base(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **f32), None,
+                          None, None, (N, K), blocksize, 256)
+    return fl.NF4Base(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **u8),
+                      torch.empty(-(-blocks // 256), **f32), torch.empty(256, **f32),
+                      torch.empty((), **f32), (N, K), blocksize, 256)
+
+
+def _launches(M, K, N, R, dropout, dtype, base="dense"):
     """The (TunedKernel, args) launches of one forward + backward at this shape."""
     meta = dict(device="meta", dtype=dtype)
-    x, w, b = torch.empty(M, K, **meta), torch.empty(N, K, **meta), torch.empty(N, **meta)
+    x, b = torch.empty(M, K, **meta), torch.empty(N, **meta)
+    w = torch.empty(N, K, **meta) if base == "dense" else _nf4_base(N, K, base == "nf4")
     d, s, u = torch.empty(R, K, **meta), torch.empty(R, device="meta"), torch.empty(N, R, **meta)
     t = torch.empty(M, R, device="meta")
     # representative dropout: the trainable rows of a SpecLoRA-like layout
@@ -133,7 +157,8 @@ def _specialize(fn, args: dict):
 
 def _variant(kernel, args) -> str:
     flags = [k for k in ("FUSE_DOWN", "FUSE_UP", "STORE_T", "STORE_G", "HAS_DROPOUT",
-                         "NEED_DU", "NEED_DD", "NEED_DS") if args.get(k)]
+                         "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
+                         "NF4_DOUBLE_QUANT") if args.get(k)]
     return f"R{args['BLOCK_R']} " + ",".join(f.lower() for f in flags)
 
 
@@ -152,8 +177,8 @@ def plan(archs, dtype, scenarios, extremes_only=False):
     """Unique compile jobs over the scenarios, plus rows for configs pruned by shared memory.
     ``extremes_only``: per launch only the smallest and the largest fitting tile."""
     jobs, pruned, seen, covered = [], [], set(), {k.name: set() for k in fl.KERNELS}
-    for scenario, M, K, N, R, dropout in scenarios:
-        for kernel, args in _launches(M, K, N, R, dropout, dtype):
+    for scenario, M, K, N, R, dropout, base in scenarios:
+        for kernel, args in _launches(M, K, N, R, dropout, dtype, base):
             fitting = [c for c in kernel.configs if kernel.fits(c, args)]
             if extremes_only:
                 fitting = list({id(c): c for c in (min(fitting, key=_tile_area),
@@ -243,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"representative subset: scenarios {', '.join(QUICK)}, smallest and "
                              "largest tile per launch")
+    parser.add_argument("--scenarios", help="comma-separated scenario names (default: all, or "
+                                               "the --quick ones)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiler processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     opts = parser.parse_args(argv)
@@ -252,7 +279,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--archs: no shared-memory limit known for {unknown}; "
                      f"use {sorted(SMEM_LIMIT)}")
-    scenarios = [s for s in SCENARIOS if not opts.quick or s[0] in QUICK]
+    names = opts.scenarios.split(",") if opts.scenarios else [
+        s[0] for s in SCENARIOS if not opts.quick or s[0] in QUICK]
+    unknown = sorted(set(names) - {s[0] for s in SCENARIOS})
+    if unknown:
+        parser.error(f"--scenarios: unknown {unknown}; choose from {[s[0] for s in SCENARIOS]}")
+    scenarios = [s for s in SCENARIOS if s[0] in names]
     start = time.perf_counter()
     jobs, pruned, covered = plan(archs, DTYPES[opts.dtype], scenarios, extremes_only=opts.quick)
     if opts.jobs > 1:
@@ -274,6 +306,12 @@ def main(argv=None) -> int:
         missing = {_config_name(c) for c in kernel.configs} - covered[kernel.name]
         print(f"{kernel.name}: {len(covered[kernel.name])}/{len(kernel.configs)} configs compiled"
               + (f"; not covered: {sorted(missing)}" if missing else ""))
+    nf4 = [r for r in rows if "nf4" in r.variant and not r.status.startswith("pruned")]
+    if nf4:
+        print(f"NF4 base (forward, dx): {len(nf4)} compiles, "
+              f"{sum(r.status.startswith('FAIL') for r in nf4)} failed, "
+              f"max {max(r.regs for r in nf4)} registers, "
+              f"{sum(r.spills for r in nf4)} bytes spilled")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
