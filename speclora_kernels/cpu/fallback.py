@@ -1,7 +1,8 @@
 """The C++ backend's semantics in plain PyTorch: what runs when the library is not built.
 
-Mirrors ``ops.autograd._torch_forward`` / ``_torch_backward`` with an explicit keep-mask,
-and accepts an ``NF4Weight`` base (dequantized whole here; only the C++ kernels avoid that).
+The one PyTorch implementation of the op's CPU path (``ops.autograd`` calls it with the
+keep-mask regenerated from the seed). Accepts an ``NF4Weight`` base, dequantized whole here;
+only the kernels avoid that.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def backward(dy, x, weight, down, scale, up, t, keep, dropout_p, drop_rows, grad
     dya, s, d = dy.to(acc), scale.to(acc), down.to(acc)
     rd, rg = (drop_rows if keep is not None else 0), grad_rows
     g = dya @ up.to(acc) if (need_dx or need_ddown or need_dscale) else None
-    none = x.new_empty(0)
-    dx = d_down = d_scale = d_up = none
+    # distinct empties for gradients not asked for: a custom op's outputs may not alias
+    dx, d_down, d_scale, d_up = (x.new_empty(0) for _ in range(4))
     if need_dx:
         gs = g * s
         dx = dya @ _dense(weight, acc) + gs[:, rd:] @ d[rd:]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..quant import NF4Weight, dequantize_nf4
+from ..cpu import fallback as _fallback
 from .dropout import dropout_keep_mask
 
 try:
@@ -45,48 +46,23 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------ PyTorch path
+def _keep(x, seed, dropout_p, drop_rows):
+    return (dropout_keep_mask(seed, x.shape, dropout_p, device=x.device)
+            if seed is not None and drop_rows > 0 else None)
+
+
 def _torch_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
-    acc = _acc_dtype(x)
-    xa, d = x.to(acc), down.to(acc)
-    t = xa @ d.T
-    if seed is not None and drop_rows > 0:
-        keep = dropout_keep_mask(seed, x.shape, dropout_p, device=x.device)
-        t[:, :drop_rows] = (xa * keep) @ d[:drop_rows].T / (1.0 - dropout_p)
-    y = xa @ weight.to(acc).T + (t * scale.to(acc)) @ up.to(acc).T
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(x.dtype), (t if save_t else t.new_empty((0, t.shape[1])))
+    keep = _keep(x, seed, dropout_p, drop_rows)
+    return _fallback.forward(x, weight, bias, down, scale, up, keep, dropout_p,
+                             drop_rows if keep is not None else 0, save_t)
 
 
 def _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows,
                     need_dx, need_ddown, need_dscale, need_dup):
-    acc = _acc_dtype(x)
-    dya, s, d = dy.to(acc), scale.to(acc), down.to(acc)
-    rd, rg = (drop_rows if seed is not None else 0), grad_rows
-    keep = dropout_keep_mask(seed, x.shape, dropout_p, device=x.device) if rd else None
-    g = dya @ up.to(acc) if (need_dx or need_ddown or need_dscale) else None
-    # distinct empties for gradients not asked for: a custom op's outputs may not alias
-    dx, d_down, d_scale, d_up = (x.new_empty(0) for _ in range(4))
-    if need_dx:
-        gs = g * s
-        dx = dya @ weight.to(acc) + gs[:, rd:] @ d[rd:]
-        if rd:
-            dx = dx + keep * (gs[:, :rd] @ d[:rd]) / (1.0 - dropout_p)
-        dx = dx.to(x.dtype)
-    if need_ddown:
-        xa = x.to(acc)
-        gs = g[:, :rg] * s[:rg]
-        d_down = torch.zeros_like(down)
-        d_down[:rg] = (gs.T @ xa).to(down.dtype)
-        cut = min(rd, rg)
-        if cut:
-            d_down[:cut] = (gs[:, :cut].T @ (xa * keep) / (1.0 - dropout_p)).to(down.dtype)
-    if need_dscale:
-        d_scale = (g * t).sum(0).to(scale.dtype)
-    if need_dup:
-        d_up = torch.zeros_like(up)
-        d_up[:, :rg] = (dya.T @ (t[:, :rg] * s[:rg])).to(up.dtype)
-    return dx, d_down, d_scale, d_up
+    keep = _keep(x, seed, dropout_p, drop_rows)
+    return _fallback.backward(dy, x, weight, down, scale, up, t, keep, dropout_p,
+                              drop_rows if keep is not None else 0, grad_rows, need_dx,
+                              need_ddown, need_dscale, need_dup)
 
 
 # ------------------------------------------------------------------ custom ops
