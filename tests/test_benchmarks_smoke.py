@@ -23,18 +23,9 @@ from benchmarks.timing import (Rotation, cpu_peak_bytes, mode_callable,  # noqa:
 SMOKE = PROFILES["smoke"].cases
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: the shared CI cores make two-thread barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("case, adapter", [(SMOKE[0], "lora"), (SMOKE[1], "speclora")],
                          ids=["M1-lora", "M37-speclora"])
-def test_every_contender_matches_float64(case, adapter, one_thread):
+def test_every_contender_matches_float64(case, adapter, single_thread):
     p = make_problem(case, adapter=adapter, dropout_p=0.1, seed=case.tokens)
     for name, build in CONTENDERS.items():
         assert check_output(name, p, build(p)) <= 1e-2
@@ -50,7 +41,7 @@ def test_check_catches_a_wrong_contender():
         check_output("wrong", p, bound)
 
 
-def test_run_smoke_writes_every_contender(tmp_path, one_thread):
+def test_run_smoke_writes_every_contender(tmp_path, single_thread):
     # One input set, M = 1: the fused kernels run in the Triton interpreter here.
     rc = run.main(["--profile", "smoke", "--tokens", "1", "--modes", "train_step",
                    "--threads", "1", "--budget", "0", "--max-sets", "1", "--no-counted",
@@ -75,7 +66,7 @@ def test_run_smoke_writes_every_contender(tmp_path, one_thread):
     assert [t["scope"] for t in doc["targets"]] == ["measured here"] * 2
 
 
-def test_mode_callables_step_the_optimizer(one_thread):
+def test_mode_callables_step_the_optimizer(single_thread):
     p = make_problem(SMOKE[0])
     bound = CONTENDERS["peft"](p)
     before = {k: v.detach().clone() for k, v in bound.params.items()}

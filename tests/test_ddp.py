@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _tiny_models import VOCAB, perturb, single_thread, tiny_llama  # noqa: F401
+from _tiny_models import VOCAB, perturb, tiny_llama  # noqa: F401
 
 from speclora_kernels.integrations import adapter_layers, inject
 

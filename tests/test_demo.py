@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from _tiny_models import single_thread  # noqa: F401
 
 from speclora_kernels import METHODS
 

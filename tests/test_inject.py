@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from _tiny_models import (logits, minilm, minilm_path, options, perturb,  # noqa: F401
-                          single_thread, tiny_llama, token_ids)
+                          tiny_llama, token_ids)
 
 from speclora_kernels import METHODS, AdapterLinear
 from speclora_kernels.integrations import (count_parameters, find_targets, inject,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import logits, options, perturb, single_thread, tiny_llama, token_ids  # noqa: F401
+from _tiny_models import logits, options, perturb, tiny_llama, token_ids  # noqa: F401
 from safetensors.torch import load_file, save_file
 
 from speclora_kernels import METHODS

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from _tiny_models import VOCAB, logits, perturb, single_thread, tiny_llama, token_ids  # noqa: F401
+from _tiny_models import VOCAB, logits, perturb, tiny_llama, token_ids  # noqa: F401
 
 from speclora_kernels.integrations import (adapter_layers, inject, load_adapter,
                                            merge_and_unload, save_adapter)
