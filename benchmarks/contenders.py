@@ -282,33 +282,13 @@ def build_fused(p: Problem) -> Bound:
 
 
 # ---------------------------------------------------------------- contender: our fused op (NF4)
-def nf4_from_bnb(params4bit):
-    """Our ``NF4Weight`` reading a bnb ``Params4bit`` as it is (no re-quantization)."""
-    try:
-        from speclora_kernels.quant import NF4Weight
-    except ImportError as err:
-        raise Unavailable(f"speclora_kernels.quant.NF4Weight not available ({err})") from None
-    return NF4Weight.from_bnb(params4bit)
-
-
-def nf4_unsupported(err: TypeError) -> bool:
-    """The op predates NF4 support (it rejects an NF4Weight as ``weight``)."""
-    return "NF4Weight" in str(err)
-
-
 def build_fused_nf4(p: Problem) -> Bound:
     """``speclora_kernels.ops.fused_adapter_linear`` on the NF4 weight."""
     from speclora_kernels.ops import fused_adapter_linear
-    bound = _op_bound(p, fused_adapter_linear, nf4_from_bnb(p.quantized()), nf4=True)
-    try:
-        with torch.no_grad():
-            bound.run(p.x[:1])
-    except TypeError as err:  # any other error propagates
-        if not nf4_unsupported(err):
-            raise
-        raise Unavailable(f"ops.fused_adapter_linear does not take an NF4Weight yet ({err})"
-                          ) from None
-    return bound
+    from speclora_kernels.quant import NF4Weight
+
+    # bnb's own codes and scales, as they are (no re-quantization)
+    return _op_bound(p, fused_adapter_linear, NF4Weight.from_bnb(p.quantized()), nf4=True)
 
 
 CONTENDERS: dict[str, Callable[[Problem], Bound]] = {

@@ -70,11 +70,11 @@ def _as_nf4(weight: torch.Tensor):
     """Our NF4Weight of ``weight`` via bitsandbytes' own quantizer (as the contenders do)."""
     import bitsandbytes as bnb
 
-    from .contenders import nf4_from_bnb
+    from speclora_kernels.quant import NF4Weight
 
     q = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
                           quant_type="nf4", blocksize=64).to("cpu")
-    return nf4_from_bnb(q)
+    return NF4Weight.from_bnb(q)
 
 
 def count_once(shape: Shape, tokens: int, k_in: int, rank: int, direction: str,
@@ -83,26 +83,18 @@ def count_once(shape: Shape, tokens: int, k_in: int, rank: int, direction: str,
     from speclora_kernels.ops import fused_adapter_linear
     from speclora_kernels.tools.counter import count_triton
 
-    from .contenders import Unavailable, nf4_unsupported
-
     a = _inputs(shape, tokens, k_in, rank)
     weight = _as_nf4(a["weight"]) if nf4 else a["weight"]
-    try:
-        if direction == "forward":
-            with count_triton() as c:
-                fused_adapter_linear(a["x"], weight, a["bias"], a["down"], a["scale"],
-                                     a["up"], training=False)
-        else:  # LoRA backward: dx, dD, dU; the forward runs outside the count
-            x = a["x"].requires_grad_(True)
-            down, up = a["down"].requires_grad_(True), a["up"].requires_grad_(True)
-            y = fused_adapter_linear(x, weight, a["bias"], down, a["scale"], up,
-                                     training=True)
-            with count_triton() as c:
-                y.backward(a["dy"])
-    except TypeError as err:
-        if nf4_unsupported(err):
-            raise Unavailable(f"the op does not take an NF4Weight yet ({err})") from None
-        raise
+    if direction == "forward":
+        with count_triton() as c:
+            fused_adapter_linear(a["x"], weight, a["bias"], a["down"], a["scale"], a["up"],
+                                 training=False)
+    else:  # LoRA backward: dx, dD, dU; the forward runs outside the count
+        x = a["x"].requires_grad_(True)
+        down, up = a["down"].requires_grad_(True), a["up"].requires_grad_(True)
+        y = fused_adapter_linear(x, weight, a["bias"], down, a["scale"], up, training=True)
+        with count_triton() as c:
+            y.backward(a["dy"])
     return {name: {f: getattr(k, f) for f in FIELDS} for name, k in c.per_kernel().items()}
 
 

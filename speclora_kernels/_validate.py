@@ -48,8 +48,8 @@ def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
             raise ValueError(f"bias must be ({out_f},), got shape {tuple(bias.shape)}")
     dev = x.device
     named = [("weight", weight), ("bias", bias), ("down", down), ("scale", scale), ("up", up)]
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.device != dev:
+    for name, t in named:  # weight may be an NF4Weight: it has a device too
+        if t is not None and t.device != dev:
             raise ValueError(f"{name} is on {t.device} but x is on {dev}; all tensors must share one device")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")

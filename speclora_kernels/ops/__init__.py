@@ -38,11 +38,7 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     nf4 = isinstance(weight, NF4Weight)
     rd, rg = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows,
                                   grad_rows, weight_shape=tuple(weight.shape) if nf4 else None)
-    if nf4:
-        if weight.device != x.device:
-            raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all "
-                             f"tensors must share one device")
-    elif weight.dtype != x.dtype:
+    if not nf4 and weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype} (it is never copied), "
                         f"got {weight.dtype}")
     if scale.dtype not in (torch.float32, x.dtype):
