@@ -22,8 +22,12 @@ largest ``--m-run``, reduced M. With a fixed tile config every count is linear i
 (tile counts times per-tile work), so counts are extrapolated through the corners of
 the two smallest values per axis; the count at the third value must match exactly and a
 dry run must pick the same tile configs as at the real shape, or the row reports the
-reduced shape as counted, marked ``not extrapolated``. The interpreter runs the config
-with the fewest programs, not the one a GPU's autotuner would pick.
+reduced shape as counted, marked ``not extrapolated``. The forward's and the backward's
+plans depend on M (the segmented forward and dx only from M where they fill the GPU), so
+the real shape's segment count is pinned at the reduced points
+(``fused_linear.pinned_segments``) and checked there like the tile configs. The
+interpreter runs the config with the fewest programs, not the one a GPU's autotuner would
+pick.
 
 Activations run in fp16 (bytes identical to bf16; the interpreter's bf16 ``tl.dot`` is
 wrong, triton#11584, though counts would not change).
@@ -123,7 +127,17 @@ def launch_configs(tokens: int, n_out: int, k_in: int, rank: int, direction: str
             t = meta(tokens, rank, dtype=torch.float32)
             fl.adapter_backward(meta(tokens, n_out), x, w, d, s, u, t, 0, 0.0, 0, rank,
                                 True, True, False, True)
-    return [(k.name, pick(k, a, limit(a))[0].kwargs) for k, a in launches]
+    return [(k.name, pick(k, a, limit(a))[0].kwargs, a.get("SEGMENTED"), a.get("n_segments"))
+            for k, a in launches]
+
+
+def segments_at(tokens: int, n_out: int, k_in: int, rank: int, direction: str,
+                bias: bool) -> tuple[int, int]:
+    """(column segments, output tile width) of the segmented forward or dx launch at this
+    shape, (0, 0) if none, from a dry run on meta tensors."""
+    plan = launch_configs(tokens, n_out, k_in, rank, direction, bias) or ()
+    return next(((n, cfg.get("BLOCK_N" if name == "_fwd_kernel" else "BLOCK_K"))
+                 for name, cfg, seg, n in plan if seg), (0, 0))
 
 
 def _multilinear(values: dict, axes: list, at: tuple) -> Fraction:
@@ -146,8 +160,17 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
     per-tile work), so it is fitted through the corners of the two smallest values per
     reduced axis and must reproduce the count at the third value of every axis exactly;
     the dry-run configs at all points and at the real shape must match as well.
-    Otherwise the row reports the largest point as is, marked not extrapolated.
+    Otherwise the row reports the largest point as is, marked not extrapolated. A segmented
+    dx (output width K) runs at K = 1, 2, 3 times a whole number of segments of output
+    tiles instead of ``k_run``, so that every point has the real shape's segment count.
     """
+    segments, tile = segments_at(tokens, shape.out_features, shape.in_features, rank,
+                                 direction, shape.bias)
+    if segments and direction == "backward":
+        # dx's output width is K: every reduced K must hold `segments` full segments (and
+        # be >= 256, the widest K tile of the other kernels)
+        unit = segments * tile * -(-256 // (segments * tile))
+        k_run = (unit, 2 * unit, 3 * unit)
     axes_runs = [k_run] + ([m_run] if tokens > m_run[-1] else [])
     real = (shape.in_features, tokens)[:len(axes_runs)]
     corners = list(product(*[run[:2] for run in axes_runs]))
@@ -157,7 +180,10 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
         k_in, m = point[0], point[1] if len(point) > 1 else tokens
         return count_once(shape, m, k_in, rank, direction, nf4)
 
-    counts = {pt: at(pt) for pt in corners + [check]}
+    from speclora_kernels.ops.fused_linear import pinned_segments
+
+    with pinned_segments(segments):  # the real shape's plan, also at the reduced points
+        counts = {pt: at(pt) for pt in corners + [check]}
     axes = [run[:2] for run in axes_runs]
     names = ("K", "M")
     where = " x ".join(f"{n} in {{{r[0]},{r[1]}}}" for n, r in zip(names, axes_runs))
@@ -174,9 +200,16 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
             if _multilinear(vals, axes, check) != vals[check] or value.denominator != 1:
                 problems.append(f"{kernel} {f} not linear")
             out[kernel][f] = int(value)
-    configs = {} if nf4 else {
-        pt: launch_configs(pt[1] if len(pt) > 1 else tokens, shape.out_features, pt[0], rank,
-                           direction, shape.bias) for pt in corners + [check, real]}
+
+    def plan_at(pt):
+        return launch_configs(pt[1] if len(pt) > 1 else tokens, shape.out_features, pt[0],
+                              rank, direction, shape.bias)
+
+    configs = {}
+    if not nf4:
+        with pinned_segments(segments):
+            configs = {pt: plan_at(pt) for pt in corners + [check]}
+        configs[real] = plan_at(real)
     if not configs or any(c is None for c in configs.values()):
         label += " (configs unchecked)"
     elif len({repr(c) for c in configs.values()}) != 1:

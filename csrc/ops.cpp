@@ -490,8 +490,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
   const Tensor s = scale.to(acc), d = down.to(acc);
   Tensor g;
   if (need_dx || need_ddown || need_dscale) g = at::mm(dya, up.to(acc));
-  const Tensor none = at::empty({0}, x.options());
-  Tensor dx = none, d_down = none, d_scale = none, d_up = none;
+  // Distinct empties for the gradients not asked for: a custom op's outputs may not alias.
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  Tensor dx = none(), d_down = none(), d_scale = none(), d_up = none();
 
   if (need_dx) {
     const Tensor gs = g * s;

@@ -16,3 +16,9 @@ __all__ = ["reference_adapter_linear", "__version__", "METHODS", "AdapterLinear"
            "save_layer_adapter", "load_layer_adapter", "write_adapter_files",
            "read_adapter_files", "inject", "merge_and_unload", "parameter_summary",
            "save_adapter", "load_adapter", "export_peft_adapter", "load_peft_adapter"]
+from .serialization import AdapterFileError  # noqa: E402
+
+__all__ += ["AdapterFileError"]
+from .integrations import load_checkpoint, save_checkpoint  # noqa: E402
+
+__all__ += ["save_checkpoint", "load_checkpoint"]

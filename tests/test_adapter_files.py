@@ -8,8 +8,9 @@ import torch
 from _tiny_models import logits, options, perturb, tiny_llama, token_ids  # noqa: F401
 from safetensors.torch import load_file, save_file
 
-from speclora_kernels import METHODS, AdapterLinear
+from speclora_kernels import METHODS, AdapterFileError, AdapterLinear
 from speclora_kernels.integrations import adapter_layers, inject, load_adapter, save_adapter
+from speclora_kernels.serialization import encode_adapter, tensor_table
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 ALL = sorted(METHODS)
@@ -104,18 +105,95 @@ def test_mismatches_raise_and_leave_model_unchanged(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "missing")
 
 
+def rewrite(directory, edit=None, tensors_edit=None):
+    """Re-encode a saved adapter with an edited config / tensors, checksum and all: what a
+    hostile or buggy writer could produce, past the integrity checks."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(directory / "adapter_model.safetensors")
+    if edit:
+        edit(config)
+    if tensors_edit:
+        tensors_edit(tensors)
+        config["tensors"] = tensor_table(tensors)
+    blob, body = encode_adapter(tensors, config)
+    (directory / "adapter_model.safetensors").write_bytes(blob)
+    (directory / "adapter_config.json").write_bytes(body)
+
+
 def test_corrupt_files_are_rejected(tmp_path):
     model = trained("lora", ["q_proj"])
     save_adapter(model, tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     name = "model.layers.0.self_attn.q_proj.A"
     save_file({**tensors, name: tensors[name][:2].contiguous()}, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=f"tensor '{name}' is"):
+    with pytest.raises(AdapterFileError, match="no embedded speclora_kernels.adapter config"):
+        load_adapter(tiny_llama(), tmp_path)
+    save_adapter(model, tmp_path)
+    rewrite(tmp_path, tensors_edit=lambda t: t.update({name: t[name][:2].contiguous()}))
+    with pytest.raises(AdapterFileError, match=rf"tensor '{name}' is torch.float32 \[2, 64\], "
+                                               rf"expected torch.float32 \[4, 64\] \(from the "
+                                               rf"layers in its config\)"):
         load_adapter(tiny_llama(), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "format": "other"}))
     with pytest.raises(ValueError, match="neither a speclora_kernels adapter nor a PEFT one"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(format_version=2), "format_version=2 must be an int in"),
+    (lambda c: c.update(format="safetensors"), "neither a speclora_kernels adapter nor a PEFT"),
+    (lambda c: c["layers"][LAYER].update(method="dora"), "method='dora' must be a registered"),
+    (lambda c: c["layers"][LAYER].update(base_fingerprint="x" * 64), "base_fingerprint='xxx"),
+    (lambda c: c["layers"][LAYER].update(k=3), r"not its own \['k'\]"),
+    (lambda c: c["layers"][LAYER].update(in_features=2**40), "in_features=1099511627776 must be"),
+    (lambda c: c["layers"][LAYER].update(share_with=LAYER), "share_with=.* must name a pica layer"),
+    (lambda c: c.update(layers={}), "layers={} must be a non-empty map"),
+    (lambda c: c.update(extra=1), r"unknown keys \['extra'\]"),
+])
+def test_config_schema_rejects(edit, message, tmp_path):
+    model = trained("lora", ["q_proj"])
+    save_adapter(model, tmp_path)
+    rewrite(tmp_path, edit)
+    fresh = tiny_llama()
+    with pytest.raises(AdapterFileError, match=message) as err:
+        load_adapter(fresh, tmp_path)
+    assert str(tmp_path) in str(err.value)
+    assert not adapter_layers(fresh)
+
+
+def test_mismatched_base_names_directory_and_layer(tmp_path):
+    save_adapter(trained("lora", ["q_proj"]), tmp_path)
+    with pytest.raises(AdapterFileError, match=rf"^{tmp_path}: {LAYER}: the adapter belongs to "
+                                               rf"a different pre-trained weight"):
+        load_adapter(tiny_llama(seed=1), tmp_path)
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    save_adapter(trained("lora", ["q_proj"]), tmp_path)
+    os.rename(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="adapter_model.bin, a pickle file, which is never "
+                                               "loaded"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_rejected_file_leaves_model_unchanged(tmp_path):
+    """Even a failure found last (the checksum, after every structural check) happens
+    before the model changes."""
+    ids = token_ids()
+    target = inject(tiny_llama(), "lora", ["q_proj"], verbose=False, **options("lora"))
+    want = logits(target, ids)
+    save_adapter(trained("lora", ["q_proj"]), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x10  # a bit inside the last tensor's data
+    path.write_bytes(bytes(blob))
+    with pytest.raises(AdapterFileError, match="checksum mismatch"):
+        load_adapter(target, tmp_path)
+    assert torch.equal(logits(target, ids), want)
 
 
 def test_training_resumes_after_load(tmp_path):

@@ -4,9 +4,10 @@ Runs the CLI (``python -m speclora_kernels.tools.compile_report --quick``) in a 
 process, where the interpreter is off, on a representative subset (decode and training
 shapes, dense and NF4 bases, the smallest and the largest tile of every launch); the full
 CLI compiles every config. Checks: no register spills, shared memory within the target's
-limit, HGMMA in the sm_90 SASS of the GEMM kernels' tiles with BLOCK_M >= 64; the NF4
-forward and dx kernels (row decoder and, for in_features not a multiple of the blocksize,
-span decoder) are among the compiled rows on both targets.
+limit, HGMMA in the sm_90 SASS of the GEMM kernels' tiles with BLOCK_M >= 64; the
+segmented large-M forward and dx and the NF4 forward and dx kernels (row decoder and, for
+in_features not a multiple of the blocksize, span decoder) are among the compiled rows on
+both targets.
 """
 import json
 import os
@@ -39,6 +40,9 @@ def test_compile_report_quick(tmp_path):
                  "_dx_kernel") and int(r["config"].split("x")[0]) >= 64]
     assert big_tiles and all(r["mma"] == "HGMMA" for r in big_tiles)
     assert "failed" in proc.stdout and "0 failed" in proc.stdout
+    # the segmented forward and dx (large M, one launch each) are among them, HGMMA above
+    segmented = {(r["kernel"], r["arch"]) for r in compiled if "segmented" in r["variant"]}
+    assert segmented == {(k, a) for k in ("_fwd_kernel", "_dx_kernel") for a in (80, 90)}
     nf4 = {(r["kernel"], r["arch"], "nf4_rows" in r["variant"]) for r in compiled
            if "nf4" in r["variant"]}
     assert nf4 == {(k, a, rows) for k in ("_fwd_kernel", "_dx_kernel") for a in (80, 90)

@@ -297,3 +297,28 @@ def test_address_space_merges_reused_ranges():
     assert [(r.start, r.end) for r in space.regions] == [(100, 400)]
     space.mark(key, np.array([198, 250], dtype=np.uint64), 4)  # 198..201 overlaps 196..199 by 2 bytes
     assert space.unique(key) == 8 + 2 + 4
+
+
+def test_segmented_forward_counts_exact(monkeypatch):
+    """The op's one-launch large-M forward, forced at a small shape (2 segments of 64-wide
+    column tiles, 64-row blocks): unique bytes exactly at the floor (x, W, D, s, U read once,
+    y written once, no t round trip), FLOPs the floor's products plus the down-projection
+    once per segment (R padded to the 16-wide dot)."""
+    from speclora_kernels.ops import fused_linear as fl
+
+    m, in_f, out_f, r, segments = 128, 64, 320, 12, 2
+    x, w = torch.randn(m, in_f), torch.randn(out_f, in_f) / 8
+    d, s, u = torch.randn(r, in_f) / 8, torch.rand(r) + 0.5, torch.randn(out_f, r)
+    monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
+    monkeypatch.setattr(fl.FWD, "configs", [c for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
+    with fl.pinned_segments(segments), count_triton() as c:
+        y, _ = fl.adapter_forward(x, w, None, d, s, u, 0, 0.0, 0, False)
+    ref = x.double() @ w.double().T + ((x.double() @ d.double().T) * s.double()) @ u.double().T
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    k = c.total()
+    floor = forward_floor(m, in_f, out_f, r, dtype=torch.float32, bias=False)
+    assert list(c.per_kernel()) == ["_fwd_kernel"] and k.launches == 1
+    assert k.programs == (m // 64) * segments
+    assert k.unique_bytes == floor.bytes
+    block_r = 16
+    assert k.dot_flops == 2 * m * (in_f * out_f + in_f * block_r * segments + block_r * out_f)

@@ -208,25 +208,39 @@ def test_keep_mask_is_the_kernels_mask():
             assert torch.equal(cpu.keep_mask(seed, shape, p), dropout_keep_mask(seed, shape, p))
 
 
-def test_seeded_drop_ins_match_torch_path():
-    """cpu.forward / cpu.backward are drop-ins for ops.autograd._torch_forward / _torch_backward."""
-    from speclora_kernels.ops import autograd
+@pytest.mark.parametrize("nf4", [False, True])
+def test_op_cpu_calls_run_the_cpp_backend(monkeypatch, torch_cpu_path, nf4):
+    """The public op on CPU tensors (outside the interpreter) is served by the C++ ops, never
+    the PyTorch fallback, and matches float64 with the same dropout mask; seeds mean the
+    same mask as in the kernels."""
+    from speclora_kernels import ops
 
-    M, K, N, R, rd, rg = 6, 40, 19, 5, 3, 4
-    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-    d, s, u = torch.randn(R, K), torch.randn(R), torch.randn(N, R)
-    seed = torch.tensor(98765)
-    y, t = cpu.forward(x, w, b, d, s, u, seed, 0.2, rd, True)
-    y0, t0 = autograd._torch_forward(x, w, b, d, s, u, seed, 0.2, rd, True)
-    _close(y, y0, 1e-5, "y")
-    _close(t, t0, 1e-5, "t")
-    dy = torch.randn(M, N)
-    got = cpu.backward(dy, x, w, d, s, u, t, seed, 0.2, rd, rg, True, True, True, True)
-    want = autograd._torch_backward(dy, x, w, d, s, u, t0, seed, 0.2, rd, rg, True, True, True, True)
-    for a, e, what in zip(got, want, ("dx", "d_down", "d_scale", "d_up")):
-        _close(a, e, 1e-5, what)
-    none = cpu.backward(dy, x, w, d, s, u, t, None, 0.0, 0, rg, False, False, True, False)
-    assert none[0].numel() == none[1].numel() == none[3].numel() == 0
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PyTorch fallback ran although the C++ backend is built")
+
+    monkeypatch.setattr(cpu.fallback, "forward", refuse)
+    monkeypatch.setattr(cpu.fallback, "backward", refuse)
+    M, K, N, R, rd, rg, p = 6, 40, 19, 5, 3, 4, 0.2
+    w = torch.randn(N, K)
+    base = NF4Weight.quantize(w, blocksize=64) if nf4 else w
+    dense = base.dequantize(torch.float32) if nf4 else w
+    x = torch.randn(M, K, requires_grad=True)
+    b = torch.randn(N)
+    d, s, u = (torch.randn(*shape, requires_grad=True) for shape in ((R, K), (R,), (N, R)))
+    torch.manual_seed(7)
+    seed = ops.dropout_seed()
+    torch.manual_seed(7)
+    y = ops.fused_adapter_linear(x, base, b, d, s, u, dropout_p=p, dropout_rows=rd, grad_rows=rg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [v.detach().double().requires_grad_() for v in (x, d, s, u)]
+    mask = dropout_keep_mask(seed, (M, K), p)
+    y64 = reference.fused_adapter_linear(leaves[0], dense.double(), b.double(), *leaves[1:],
+                                         dropout_p=p, dropout_rows=rd, grad_rows=rg, mask=mask)
+    y64.backward(dy.double())
+    _close(y, y64, 1e-5, "y")
+    for v, v64, what in zip((x, d, s, u), leaves, ("dx", "d_down", "d_scale", "d_up")):
+        _close(v.grad, v64.grad, 1e-5, what)
 
 
 def test_bad_inputs_name_the_argument():

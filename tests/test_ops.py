@@ -8,6 +8,7 @@ is broken (triton#11584), fp16 and fp32 run the same code.
 import contextlib
 import itertools
 import os
+import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -53,16 +54,34 @@ def kernel_launches():
         InterpretedFunction.run = run
 
 
+SEGMENTS = 2  # forced segmented path: 2 segments of the 64-wide output column tiles
+
+
+def narrow_dx_configs(configs):
+    """dx configs with 64-wide output tiles, at 8 warps as the segmented dx requires (warps
+    mean nothing to the interpreter)."""
+    return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
+            if c.kwargs["BLOCK_K"] == 64]
+
+
 @contextlib.contextmanager
 def forced_path(path):
-    """Force the fused or split path (None: the launcher's own choice)."""
-    chooser = fl.use_fused_path
+    """Force the fused, split or segmented path (None: the launcher's own choice).
+
+    "segmented": the one-launch large-M forward and dx at a small shape, ``SEGMENTS``
+    segments of 64-wide output column tiles (the interpreter would otherwise take one tile
+    as wide as the output), so that outputs wider than 64 give segments of several tiles."""
+    chooser, configs = fl.use_fused_path, (fl.FWD.configs, fl.DX.configs)
     if path is not None:
         fl.use_fused_path = lambda *shape, dropout=False: path == "fused"
+    if path == "segmented":
+        fl.FWD.configs = [c for c in configs[0] if c.kwargs["BLOCK_N"] == 64]
+        fl.DX.configs = narrow_dx_configs(configs[1])
     try:
-        yield
+        with fl.pinned_segments(SEGMENTS if path == "segmented" else None):
+            yield
     finally:
-        fl.use_fused_path = chooser
+        fl.use_fused_path, (fl.FWD.configs, fl.DX.configs) = chooser, configs
 
 
 def rel_err(got, want):
@@ -277,12 +296,13 @@ def method_inputs(method, dtype, M=5, in_f=72, out_f=40, r=6, k=2):
 METHODS = ["lora", "speclora", "spectral_additive", "spectral_rotational", "pica"]
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "segmented"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("method", METHODS)
 def test_method_patterns(method, dtype, path):
     torch.manual_seed(METHODS.index(method))
-    t, p, rd, rg = method_inputs(method, dtype)
+    # segmented: 3 column tiles, segments of 2 and 1
+    t, p, rd, rg = method_inputs(method, dtype, out_f=136 if path == "segmented" else 40)
     with forced_path(path), fl.record_launches() as launches:
         y, dy, grads, mask = run_op(t, p, rd, rg)
     check_against_reference(t, p, rd, rg, y, dy, grads, mask)
@@ -302,9 +322,11 @@ def test_method_patterns(method, dtype, path):
     ("fused", ["_fwd_kernel"], ["_dx_kernel", "_factor_grad_kernel"]),
     ("split", ["_proj_kernel", "_fwd_kernel"],
      ["_proj_kernel", "_dx_kernel", "_factor_grad_kernel"]),
+    ("segmented", ["_fwd_kernel"], ["_dx_kernel", "_factor_grad_kernel"]),
 ])
 def test_launches_per_forward_and_backward(path, fwd, bwd):
-    """Forward: 1 launch fused, 2 split. Backward with every gradient: 2 fused, 3 split."""
+    """Forward: 1 launch fused or segmented, 2 split. Backward with every gradient: 2 fused
+    or segmented, 3 split."""
     torch.manual_seed(0)
     t = make_inputs((4, 64), 96, 8, torch.float32)
     with forced_path(path):
@@ -343,10 +365,85 @@ def test_path_choice():
     assert not fl.use_fused_path(128, 1024, 1024, 16, dropout=True)
 
 
+# ----------------------------------------------------------------------------- segmented
+SEGMENT_CASES = [
+    # (M, in_f, out_f, R, dtype, bias, dropout, rows, segments): 64-wide column tiles of y
+    # (out_f) and dx (in_f), segments of ceil(tiles / segments) tiles
+    (130, 200, 300, 24, torch.float32, True, 0.3, "partial", 2),  # y: 3 + 2, dx: 2 + 2
+    (130, 136, 300, 24, torch.float16, False, 0.3, "all", 2),     # dx: 2 + 1
+    (1, 200, 200, 8, torch.float16, True, 0.0, "all", 3),         # 2 + 2
+    (64, 328, 328, 1, torch.float32, False, 0.0, "partial", 3),   # 2 + 2 + 2
+    (3, 72, 136, 64, torch.float32, True, 0.2, "all", 1),         # R = 64, one segment
+]
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: "-".join(
+    str(v).replace("torch.", "") for v in c))
+def test_segmented_forward_matches_reference(case, monkeypatch):
+    """The large-M forward and dx kernels (a program per row block and column segment, t or
+    g computed once per segment; no projection kernel) at small shapes, forward and every
+    gradient vs float64."""
+    M, in_f, out_f, R, dtype, bias, p, rows, segments = case
+    rd, rg = ((R + 1) // 2, max(1, R - 2)) if rows == "partial" else (None, None)
+    monkeypatch.setattr(sys.modules[__name__], "SEGMENTS", segments)
+    torch.manual_seed(M + R)
+    t = make_inputs((M, in_f), out_f, R, dtype, bias=bias,
+                    grads=("x", "bias", "down", "scale", "up"))
+    with forced_path("segmented"), fl.record_launches() as launches:
+        y, dy, grads, mask = run_op(t, p, rd, rg)
+    check_against_reference(t, p, rd, rg, y, dy, grads, mask)
+    assert [kernel for kernel, _ in launches] == [fl.FWD, fl.DX, fl.FACTOR]
+    for kernel, args in launches[:2]:
+        assert args["SEGMENTED"] and args["n_segments"] == segments
+        assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback config
+
+
+def test_segment_choice(monkeypatch):
+    """Opt-in (SPECLORA_SEGMENTED=1); then segments only where they fill an H100 twice over
+    at <= 5% extra FLOPs; forward and dx take the same rule (dx's output width is in_f)."""
+    monkeypatch.delenv(fl.SEGMENTED_ENV, raising=False)
+    assert fl.segment_count(8192, 4096, 48) == 0
+    monkeypatch.setenv(fl.SEGMENTED_ENV, "1")
+    assert fl.segment_count(8192, 4096, 48) == 3     # 128 row blocks x 3 = 384 programs
+    assert fl.segment_count(8192, 14336, 48) == 3
+    assert fl.segment_count(16384, 4096, 48) == 2
+    assert fl.segment_count(8192, 4096, 48, sms=108) == 2
+    assert fl.segment_count(4096, 4096, 48) == 0     # needs 5 segments > 4096 / (20 * 64)
+    assert fl.segment_count(512, 4096, 48) == 0      # needs 33: would starve the GPU
+    assert fl.segment_count(8192, 1024, 48) == 0     # segment narrower than 20 rank blocks
+    assert fl.segment_count(8192, 4096, 128) == 0    # t does not fit in registers
+    with fl.pinned_segments(5):
+        assert fl.segment_count(16, 64, 8) == 5
+    assert fl.segment_count(16, 64, 8) == 0
+    # the launcher: one launch, row tiles of 64, 384 programs, x read by no other kernel
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, w = torch.empty(8192, 4096, **meta), torch.empty(4096, 4096, **meta)
+    d, u = torch.empty(48, 4096, **meta), torch.empty(4096, 48, **meta)
+    with fl.record_launches(dry_run=True) as launches:
+        fl.adapter_forward(x, w, None, d, torch.empty(48, device="meta"), u, 0, 0.1, 16, True)
+    assert [kernel for kernel, _ in launches] == [fl.FWD]
+    args = launches[0][1]
+    assert args["SEGMENTED"] and args["FUSE_DOWN"] and args["STORE_T"] and args["HAS_DROPOUT"]
+    configs = fl.FWD.candidates(args, limit=1 << 40)
+    assert configs and all(c.kwargs["BLOCK_M"] == 64 for c in configs)
+    assert {fl.FWD.grid({**args, **c.kwargs})[0] for c in configs} == {384}
+    with fl.record_launches(dry_run=True) as launches:
+        fl.adapter_backward(torch.empty(8192, 4096, **meta), x, w, d,
+                            torch.empty(48, device="meta"), u,
+                            torch.empty(8192, 48, device="meta"), 0, 0.1, 16, 16, True, True,
+                            True, True)
+    assert [kernel for kernel, _ in launches] == [fl.DX, fl.FACTOR]   # g from the dx kernel
+    args = launches[0][1]
+    assert args["SEGMENTED"] and args["FUSE_UP"] and args["STORE_G"] and args["n_segments"] == 3
+    configs = fl.DX.candidates(args, limit=1 << 40)
+    assert configs and all(c.kwargs["BLOCK_M"] == 64 for c in configs)
+    assert {fl.DX.grid({**args, **c.kwargs})[0] for c in configs} == {384}
+
+
 def test_config_pruning():
     x = torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")
-    args = dict(x_ptr=x, M=16, N=4096, K=4096, R=64, FUSE_DOWN=True, HAS_DROPOUT=True,
-                BLOCK_R=64)
+    args = dict(x_ptr=x, M=16, N=4096, K=4096, R=64, FUSE_DOWN=True, SEGMENTED=False,
+                n_segments=1, HAS_DROPOUT=True, BLOCK_R=64)
     fused = fl.FWD.candidates(args, limit=1 << 40)
     assert fused and all(c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] >= 256 for c in fused)
     train = fl.FWD.candidates({**args, "M": 8192, "R": 16, "FUSE_DOWN": False, "BLOCK_R": 16},

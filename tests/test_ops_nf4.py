@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from speclora_kernels import AdapterLinear, reference  # noqa: E402
 from speclora_kernels.ops import dropout_keep_mask, dropout_seed, fused_adapter_linear  # noqa: E402
@@ -52,18 +53,18 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def make_inputs(M, layout, R, dtype, grads, bias=True):
+def make_inputs(M, layout, R, dtype, grads, bias=True, out_f=OUT_F):
     in_f, blocksize, double_quant = layout
-    w = torch.randn(OUT_F, in_f) * in_f ** -0.5
+    w = torch.randn(out_f, in_f) * in_f ** -0.5
     w[3] *= 40  # rows of very different range: the scales matter
     t = {
         "x": torch.randn(M, in_f, dtype=dtype),
         "weight": NF4Weight.quantize(w, blocksize, double_quant, backend="torch",
                                      dtype=torch.float32 if dtype == torch.float64 else dtype),
-        "bias": torch.randn(OUT_F).to(dtype) if bias else None,
+        "bias": torch.randn(out_f).to(dtype) if bias else None,
         "down": (torch.randn(R, in_f) * in_f ** -0.5).to(dtype),
         "scale": (torch.rand(R) + 0.5).to(torch.promote_types(dtype, torch.float32)),
-        "up": torch.randn(OUT_F, R).to(dtype),
+        "up": torch.randn(out_f, R).to(dtype),
     }
     for name in grads:
         t[name].requires_grad_()
@@ -144,6 +145,30 @@ def test_layouts_both_paths(layout, path, monkeypatch):
     check(t, 0.2, 3, None, *run(t, 0.2, 3, None))
 
 
+@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[4]], ids=["rows", "span"])
+def test_segmented_path(layout, monkeypatch):
+    """The large-M forward and dx kernels (segments of column tiles, t and g computed once
+    per segment) on an NF4 base, forced at a small shape with 64-wide output tiles and 2
+    segments: y 2 + 1 tiles, dx 2 + 2 (rows) or 2 + 1 (span); the decoders run inside the
+    segment loops."""
+    monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
+    monkeypatch.setattr(fl.FWD, "configs",
+                        [c for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
+    monkeypatch.setattr(fl.DX, "configs",  # 64-wide dx tiles at the 8 warps segments need
+                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
+                         for c in fl.DX.configs if c.kwargs["BLOCK_K"] == 64])
+    torch.manual_seed(layout[0] + 1)
+    t = make_inputs(7, layout, 5, torch.float16, ("x", "down", "scale", "up"), out_f=150)
+    with fl.pinned_segments(2), fl.record_launches() as launches:
+        y, dy, grads, mask = run(t, 0.2, 3, None)
+    check(t, 0.2, 3, None, y, dy, grads, mask)
+    assert [kernel for kernel, _ in launches] == [fl.FWD, fl.DX, fl.FACTOR]
+    for kernel, args in launches[:2]:
+        assert args["SEGMENTED"] and args["NF4"]
+        assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback config
+        assert args["NF4_ROWS"] == (layout[0] % layout[1] == 0)
+
+
 def dense_weight_tensors(tensors, n_elements):
     return [tuple(v.shape) for v in tensors
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() >= n_elements]
@@ -162,14 +187,14 @@ def test_weight_never_materialised():
         return v
 
     calls = []
-    real = op_autograd.dequantize_nf4
-    op_autograd.dequantize_nf4 = lambda *a, **k: calls.append(a) or real(*a, **k)
+    real = NF4Weight.dequantize
+    NF4Weight.dequantize = lambda *a, **k: calls.append(a) or real(*a, **k)
     try:
         with fl.record_launches() as launches, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
             y, dy, grads, mask = run(t, 0.1, 8, None)
     finally:
-        op_autograd.dequantize_nf4 = real
+        NF4Weight.dequantize = real
     check(t, 0.1, 8, None, y, dy, grads, mask)
     names = [kernel.name for kernel, _ in launches]
     assert "_fwd_kernel" in names and "_dx_kernel" in names

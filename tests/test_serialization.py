@@ -1,14 +1,15 @@
 """One layer's adapter to safetensors + JSON and back: bit-exact, checked, atomic."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import speclora_kernels.serialization as ser
-from speclora_kernels import (METHODS, AdapterLinear, load_layer_adapter, read_adapter_files,
-                              save_layer_adapter, write_adapter_files)
+from speclora_kernels import (METHODS, AdapterFileError, AdapterLinear, load_layer_adapter,
+                              read_adapter_files, save_layer_adapter, write_adapter_files)
 
 ALL = sorted(METHODS)
 OPTIONS = {"lora": {"alpha": 6}, "speclora": {"k": 4, "alpha": 6}}
@@ -81,18 +82,59 @@ def test_load_mismatch_names_the_field(other, field, tmp_path):
         load_layer_adapter(dst, tmp_path / "a")
 
 
-def test_tampered_files_are_rejected(tmp_path):
+def test_json_copy_edit_warns_and_committed_config_wins(tmp_path):
+    """The .json is a readable copy: an edit (or a save interrupted between its two
+    renames) is reported and ignored; the config committed with the tensors is used."""
     layer = build("lora", torch.nn.Linear(23, 17))
+    perturb(layer)
     _, json_path = save_layer_adapter(layer, tmp_path / "a")
     cfg = json.loads(open(json_path).read())
     cfg["tensors"]["A"]["shape"] = [3, 22]
-    open(json_path, "w").write(json.dumps(cfg))
-    with pytest.raises(ValueError, match="tensor 'A' is .* but .* lists"):
-        load_layer_adapter(layer, tmp_path / "a")
     cfg["format"] = "pickle"
     open(json_path, "w").write(json.dumps(cfg))
-    with pytest.raises(ValueError, match="is not a speclora_kernels.adapter config"):
+    dst = build("lora", torch.nn.Linear(23, 17))
+    with pytest.warns(RuntimeWarning, match="differs from the config committed with"):
+        load_layer_adapter(dst, tmp_path / "a")
+    assert torch.equal(dst.adapter.A, layer.adapter.A)
+    open(json_path, "wb").write(b"\xff not json")
+    with pytest.raises(AdapterFileError, match=r"a.json: not UTF-8"):
+        load_layer_adapter(dst, tmp_path / "a")
+
+
+def test_embedded_config_edit_fails_checksum(tmp_path):
+    layer = build("lora", torch.nn.Linear(23, 17))
+    st_path, _ = save_layer_adapter(layer, tmp_path / "a")
+    blob = open(st_path, "rb").read()
+    assert blob.count(b'\\"alpha\\": 6.0') == 1  # inside the embedded config string
+    open(st_path, "wb").write(blob.replace(b'\\"alpha\\": 6.0', b'\\"alpha\\": 7.0'))
+    with pytest.raises(AdapterFileError, match="a.safetensors: checksum mismatch"):
         read_adapter_files(tmp_path / "a")
+    with pytest.raises(AdapterFileError, match="saved adapter has alpha=7.0"):
+        load_layer_adapter(layer, tmp_path / "a")  # caught earlier, by the layer's config
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(method="dora"), "method='dora' must be a registered method name"),
+    (lambda c: c.update(format_version=2), "format_version=2 must be an int in"),
+    (lambda c: c.update(format_version=True), "format_version=True must be"),
+    (lambda c: c.pop("rank"), r"missing keys \['rank'\]"),
+    (lambda c: c.update(rank=5), "rank=5 but method 'lora' with these options has rank 3"),
+    (lambda c: c.update(r=40), r"r must be in \[1, min"),
+    (lambda c: c.update(k=2), r"not its own \['k'\]"),
+    (lambda c: c.update(dropout=1.5), r"dropout=1.5 must be a number in \[0, 1\)"),
+    (lambda c: c.update(code="__import__('os')"), r"unknown keys \['code'\]"),
+])
+def test_layer_config_schema(edit, message, tmp_path):
+    """Configs are validated against the schema before any tensor data is read; the layer
+    is untouched."""
+    layer = build("lora", torch.nn.Linear(23, 17))
+    config = layer.adapter_config()
+    edit(config)
+    write_adapter_files(tmp_path / "a", layer.adapter_tensors(), config)
+    before = layer.adapter.A.clone()
+    with pytest.raises(AdapterFileError, match=message):
+        load_layer_adapter(build("lora", torch.nn.Linear(23, 17)), tmp_path / "a")
+    assert torch.equal(layer.adapter.A, before)
 
 
 def test_load_checks_tensor_names_and_shapes():
@@ -176,3 +218,124 @@ def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
         save_layer_adapter(layer, tmp_path / "a")
     assert open(st_path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
+
+
+def test_write_failing_after_partial_bytes_keeps_old_files(tmp_path, monkeypatch):
+    """A write that dies half-way (disk full, I/O error) leaves the previous adapter loadable
+    and no temporary file behind."""
+    layer = build("lora", torch.nn.Linear(23, 17))
+    perturb(layer)
+    st_path, json_path = save_layer_adapter(layer, tmp_path / "a")
+    before = (open(st_path, "rb").read(), open(json_path, "rb").read())
+    saved_a = layer.adapter.A.clone()
+    perturb(layer)
+    fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(ser.os, "fdopen", lambda fd, mode: HalfWriter(fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        save_layer_adapter(layer, tmp_path / "a")
+    assert (open(st_path, "rb").read(), open(json_path, "rb").read()) == before
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
+    monkeypatch.undo()
+    dst = build("lora", torch.nn.Linear(23, 17))
+    load_layer_adapter(dst, tmp_path / "a")
+    assert torch.equal(dst.adapter.A, saved_a)
+
+
+def test_crash_between_the_two_renames_loads_the_new_adapter(tmp_path, monkeypatch):
+    """The safetensors file is renamed first and carries the config: if the .json rename
+    never happens, the new adapter loads (with a warning about the stale copy)."""
+    layer = build("speclora", torch.nn.Linear(23, 17))
+    save_layer_adapter(layer, tmp_path / "a")
+    perturb(layer)
+    replace = os.replace
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(ser.os, "replace", second_fails)
+    with pytest.raises(OSError, match="killed"):
+        save_layer_adapter(layer, tmp_path / "a")
+    assert calls[0].endswith("a.safetensors") and calls[1].endswith("a.json")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
+    dst = build("speclora", torch.nn.Linear(23, 17))
+    os.remove(tmp_path / "a.json")  # also a first save killed between the renames
+    with pytest.warns(RuntimeWarning, match="a.json is missing"):
+        load_layer_adapter(dst, tmp_path / "a")
+    for name, t in layer.adapter_tensors().items():
+        assert torch.equal(bits(dst.adapter_tensors()[name]), bits(t)), name
+
+
+_SAVER = """
+import sys, torch
+from speclora_kernels import write_adapter_files
+path = sys.argv[1]
+for version in range(1, 10**6):
+    tensors = {f"t{i}": torch.full((256, 1024), float(version)) for i in range(8)}  # 8 MiB
+    write_adapter_files(path, tensors, {"version": version})
+    print(version, flush=True)
+"""
+
+
+def test_killed_mid_save_keeps_a_complete_adapter(tmp_path):
+    """SIGKILL a process at random points while it saves 8 MiB adapters over and over:
+    the files on disk always load, as the last announced version or the one after it.
+    A kill can leave a hidden .tmp-* file (nothing can remove it); never a partial file
+    under the real name. ~6 s (one interpreter start)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(0)
+    path = str(tmp_path / "a")
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, path], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        int(proc.stdout.readline())
+        start = time.perf_counter()
+        announced = int(proc.stdout.readline())
+        time.sleep(rng.uniform(0.0, time.perf_counter() - start))  # somewhere in a save
+        proc.send_signal(signal.SIGKILL)
+        for line in proc.stdout:
+            announced = int(line)
+    finally:
+        proc.kill()
+        proc.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the .json copy may be stale
+        tensors, config = read_adapter_files(path)
+    assert config["version"] in (announced, announced + 1)
+    assert all(bool((t == config["version"]).all()) for t in tensors.values())
+    junk = set(os.listdir(tmp_path)) - {"a.json", "a.safetensors"}
+    assert all(name.startswith(".tmp-") for name in junk), junk
+
+
+def test_saves_are_byte_reproducible(tmp_path):
+    """safetensors writes its metadata in hash order; ours sorts the header."""
+    layer = build("speclora", torch.nn.Linear(23, 17))
+    blobs = {open(save_layer_adapter(layer, tmp_path / f"a{i}")[0], "rb").read() for i in range(8)}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    n = int.from_bytes(blob[:8], "little")
+    assert n % 8 == 0 and json.loads(blob[8:8 + n])  # aligned data, plain JSON header

@@ -30,8 +30,9 @@ from safetensors.torch import save as _save_bytes
 from torch import nn
 
 from ..modules import AdapterLinear
-from ..serialization import _atomic_write
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_config, read_tensors
+from ..serialization import FLOAT_NAMES, AdapterFileError, TensorFile, _commit, _is_int
+from ..serialization import _is_number, check_schema
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_config
 from .inject import adapt_layers, adapter_layers, unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -63,17 +64,50 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _is_regex(key) -> bool:
+    if not isinstance(key, str) or len(key) > 512:
+        return False
+    try:
+        re.compile(key)
+    except re.error:
+        return False
+    return True
+
+
+def _is_pattern(value_ok):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: regex keys (matched like PEFT does)."""
+    return lambda v: v is None or (isinstance(v, dict) and all(
+        _is_regex(k) and value_ok(x) for k, x in v.items()))
+
+
+# The PEFT config fields we read (PEFT writes many more, version-dependent: those pass).
+PEFT_SCHEMA = {
+    "peft_type": (True, lambda v: isinstance(v, str), "a string"),
+    "r": (False, lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "lora_alpha": (False, lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (False, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (False, lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (False, _is_pattern(lambda x: _is_int(x) and x >= 1),
+                     "a map of module names to ranks >= 1"),
+    "alpha_pattern": (False, _is_pattern(lambda x: _is_number(x) and x > 0),
+                      "a map of module names to alphas > 0"),
+}
+_FLOATS = tuple(getattr(torch, name) for name in FLOAT_NAMES)
+
+
 def _check_peft_config(config: dict, directory) -> None:
+    check_schema(config, PEFT_SCHEMA, f"{directory}/{CONFIG_NAME}", extra=True)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory}: only PEFT LoRA adapters can be loaded, got "
-                         f"peft_type={config.get('peft_type')!r}")
+        raise AdapterFileError(f"{directory}: only PEFT LoRA adapters can be loaded, got "
+                               f"peft_type={config.get('peft_type')!r}")
     for key, why in _UNSUPPORTED.items():
         if config.get(key):
-            raise ValueError(f"{directory}: unsupported PEFT feature {key}="
-                             f"{config[key]!r}: {why}")
+            raise AdapterFileError(f"{directory}: unsupported PEFT feature {key}="
+                                   f"{config[key]!r}: {why}")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{directory}: unsupported PEFT feature bias={config['bias']!r}: it "
-                         f"trains the base layers' biases, which AdapterLinear keeps frozen")
+        raise AdapterFileError(f"{directory}: unsupported PEFT feature bias={config['bias']!r}: "
+                               f"it trains the base layers' biases, which AdapterLinear keeps "
+                               f"frozen")
 
 
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
@@ -84,59 +118,75 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
 
     The adapted model's outputs equal those of ``PeftModel.from_pretrained(model, directory)``
     up to fp32 rounding; its adapters are trainable and can be saved with ``save_adapter``
-    or exported back with :func:`export_peft_adapter`. Raises ``ValueError`` for other PEFT
+    or exported back with :func:`export_peft_adapter`. Raises ``ValueError``
+    (:class:`~speclora_kernels.serialization.AdapterFileError` for the files) for other PEFT
     methods, unsupported LoRA features (DoRA, biases, modules_to_save, ...), tensors other
-    than ``lora_A``/``lora_B``, missing modules, or shapes that do not fit.
+    than float ``lora_A``/``lora_B``, missing modules, or shapes that do not fit, all found
+    from the config and the safetensors header before tensor data is read and before the
+    model changes. A pickled ``adapter_model.bin`` is refused. PEFT's files carry no
+    checksum: a tensor whose bytes changed on disk loads as those bytes.
     """
     config = read_config(directory)
     _check_peft_config(config, directory)
-    tensors = read_tensors(directory)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        match = _LORA_KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{directory}: unsupported tensor {key!r}; only "
-                             f"'<module>.lora_A.weight' and '<module>.lora_B.weight' are "
-                             f"understood (no embedding/conv LoRA, DoRA magnitudes, biases)")
-        name = match["name"].removeprefix(PEFT_PREFIX)
-        factors.setdefault(name, {})[match["part"]] = t
-    bare = unwrap(model)
-    modules = dict(bare.named_modules())
-    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    specs, weights = {}, {}
-    for name, pair in factors.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{directory}: {name} has lora_{''.join(pair)} but not both "
-                             f"lora_A and lora_B")
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"{directory}: the adapter has layer {name!r}, which the model lacks")
-        if isinstance(module, AdapterLinear) or not isinstance(module, nn.Linear):
-            raise ValueError(f"{name}: expected a plain nn.Linear or Linear4bit to adapt, got "
-                             f"{type(module).__name__}")
-        a, b = pair["A"], pair["B"]
-        r = _pattern_value(rank_pattern, name, r0)
-        want_a, want_b = (r, module.in_features), (module.out_features, r)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise ValueError(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                             f"fit rank {r} on a {module.out_features}x{module.in_features} "
-                             f"layer (expected {want_a} / {want_b})")
-        lora_alpha = _pattern_value(alpha_pattern, name, alpha0)
-        scaling = lora_alpha / r ** 0.5 if config.get("use_rslora") else lora_alpha / r
-        specs[name] = {"method": "lora", "r": r, "alpha": scaling * r,
-                       "dropout": float(config.get("lora_dropout", 0.0)),
-                       "adapter_dtype": adapter_dtype}
-        weights[name] = pair
-    if not specs:
-        raise ValueError(f"{directory}: the adapter holds no LoRA weights")
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    with TensorFile(path) as file:
+        factors: dict[str, dict[str, str]] = {}
+        for key in file.entries:
+            match = _LORA_KEY.fullmatch(key)
+            if match is None:
+                raise AdapterFileError(
+                    f"{path}: unsupported tensor {key!r}; only '<module>.lora_A.weight' and "
+                    f"'<module>.lora_B.weight' are understood (no embedding/conv LoRA, DoRA "
+                    f"magnitudes, biases)")
+            name = match["name"].removeprefix(PEFT_PREFIX)
+            factors.setdefault(name, {})[match["part"]] = key
+        bare = unwrap(model)
+        modules = dict(bare.named_modules())
+        r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        specs, keys = {}, {}
+        for name, pair in factors.items():
+            if set(pair) != {"A", "B"}:
+                raise AdapterFileError(f"{path}: {name} has lora_{''.join(pair)} but not both "
+                                       f"lora_A and lora_B")
+            module = modules.get(name)
+            if module is None:
+                raise AdapterFileError(f"{path}: the adapter has layer {name!r}, which the "
+                                       f"model lacks")
+            if isinstance(module, AdapterLinear) or not isinstance(module, nn.Linear):
+                raise AdapterFileError(f"{name}: expected a plain nn.Linear or Linear4bit to "
+                                       f"adapt, got {type(module).__name__}")
+            shape_a, dtype_a = file.entries[pair["A"]]
+            shape_b, dtype_b = file.entries[pair["B"]]
+            r = _pattern_value(rank_pattern, name, r0)
+            want_a, want_b = (r, module.in_features), (module.out_features, r)
+            if shape_a != want_a or shape_b != want_b:
+                raise AdapterFileError(
+                    f"{path}: {name}: lora_A {shape_a} / lora_B {shape_b} do not fit rank {r} "
+                    f"on a {module.out_features}x{module.in_features} layer (expected "
+                    f"{want_a} / {want_b})")
+            if dtype_a not in _FLOATS or dtype_b not in _FLOATS:
+                raise AdapterFileError(f"{path}: {name}: lora_A/lora_B must be floating point, "
+                                       f"got {dtype_a} / {dtype_b}")
+            lora_alpha = _pattern_value(alpha_pattern, name, alpha0)
+            scaling = lora_alpha / r ** 0.5 if config.get("use_rslora") else lora_alpha / r
+            specs[name] = {"method": "lora", "r": r, "alpha": scaling * r,
+                           "dropout": float(config.get("lora_dropout", 0.0)),
+                           "adapter_dtype": adapter_dtype}
+            keys[name] = pair
+        if not specs:
+            raise AdapterFileError(f"{path}: the adapter holds no LoRA weights")
+        tensors = file.read()
     adapt_layers(bare, specs, verbose=verbose)
     layers = adapter_layers(bare)
-    for name, pair in weights.items():
+    for name, pair in keys.items():
         own = layers[name].adapter_tensors()
         layers[name].load_adapter_tensors(
-            {key: pair[key].to(own[key].device, own[key].dtype) for key in ("A", "B")})
+            {part: tensors[key].to(own[part].device, own[part].dtype)
+             for part, key in pair.items()})
     return model
 
 
@@ -213,7 +263,8 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "pt", "exported_by": f"speclora_kernels {__version__}",
             "methods": ",".join(sorted({layer.adapter.name for layer in layers.values()}))}
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), _save_bytes(tensors, metadata=meta))
-    _atomic_write(os.path.join(directory, CONFIG_NAME),
-                  (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    # both staged and fsynced before either is renamed: a failed write changes neither file
+    _commit([(os.path.join(directory, WEIGHTS_NAME), _save_bytes(tensors, metadata=meta)),
+             (os.path.join(directory, CONFIG_NAME),
+              (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())])
     return os.fspath(directory)

@@ -44,6 +44,9 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     if scale.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"scale must be float32 or x's dtype {x.dtype}, got {scale.dtype}")
     down, up = down.to(x.dtype), up.to(x.dtype)
+    # the kernels index the vectors densely (s_ptr + r): a strided s or bias would read wrong
+    scale = scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     active = bool(training) and float(dropout_p) > 0 and rd > 0
     seed = dropout_seed() if active else None
     x2d = x.reshape(-1, x.shape[-1])

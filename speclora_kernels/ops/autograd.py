@@ -7,14 +7,16 @@ Two custom ops, opaque to ``torch.compile`` (so ``fullgraph=True`` traces throug
   ``-> (dx, dD, ds, dU)``
 
 Each dispatches per call: CUDA tensors run the Triton kernels (``fused_linear``); CPU
-tensors run the PyTorch path below, except under ``TRITON_INTERPRET=1``, where they run
-the Triton kernels in the interpreter; float64 always runs the PyTorch path. Both paths
-draw the same dropout mask (``dropout.py``), so a seed means the same thing everywhere.
+tensors run the C++ backend (``speclora_kernels.cpu``, built on first use; its PyTorch
+fallback when it cannot be built), except under ``TRITON_INTERPRET=1``, where they run the
+Triton kernels in the interpreter; float64 always runs the PyTorch path. Every path draws
+the same dropout mask (``dropout.py``), so a seed means the same thing everywhere.
 
 An NF4 base has its own pair, ``adapter_linear_nf4_fwd`` / ``adapter_linear_nf4_bwd``: the
 bitsandbytes tensors (packed codes, absmax, and absmax2, code2, offset with double quant)
-and the block sizes replace ``W``. The kernels decode tiles in registers; only the PyTorch
-path dequantizes (``dequantize_nf4``, to x's dtype, as the kernels round their tiles).
+and the block sizes replace ``W``. The kernels decode tiles in registers, the C++ backend block by
+block; only the PyTorch fallback dequantizes the whole weight (to x's dtype, as the kernels
+round their tiles).
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..quant import NF4Weight, dequantize_nf4
-from ..cpu import fallback as _fallback
-from .dropout import dropout_keep_mask
+from .. import cpu as _cpu
+from ..quant import NF4Weight
 
 try:
     from . import fused_linear as _triton
@@ -45,24 +46,11 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-# ------------------------------------------------------------------ PyTorch path
-def _keep(x, seed, dropout_p, drop_rows):
-    return (dropout_keep_mask(seed, x.shape, dropout_p, device=x.device)
-            if seed is not None and drop_rows > 0 else None)
-
-
-def _torch_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
-    keep = _keep(x, seed, dropout_p, drop_rows)
-    return _fallback.forward(x, weight, bias, down, scale, up, keep, dropout_p,
-                             drop_rows if keep is not None else 0, save_t)
-
-
-def _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows,
-                    need_dx, need_ddown, need_dscale, need_dup):
-    keep = _keep(x, seed, dropout_p, drop_rows)
-    return _fallback.backward(dy, x, weight, down, scale, up, t, keep, dropout_p,
-                              drop_rows if keep is not None else 0, grad_rows, need_dx,
-                              need_ddown, need_dscale, need_dup)
+# ------------------------------------------------------------------ CPU / PyTorch path
+# ``speclora_kernels.cpu`` runs the C++ backend for CPU tensors it supports and the PyTorch
+# path (``cpu.fallback``) for everything else (no compiler, float64 weights, other devices);
+# both regenerate the same keep-mask from the seed.
+_torch_forward, _torch_backward = _cpu.forward, _cpu.backward
 
 
 # ------------------------------------------------------------------ custom ops
@@ -161,11 +149,12 @@ def _nf4_base(packed, absmax, absmax2, code2, offset, shape, blocksize, nested_b
                            nested_blocksize)
 
 
-def _nf4_dense(packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize, dtype):
-    """The PyTorch path's dense weight (bitsandbytes' decode rounded to ``dtype``)."""
-    w = NF4Weight(packed, absmax, shape, torch.float32, blocksize, absmax2=absmax2, code2=code2,
-                  offset=offset, nested_blocksize=nested_blocksize)
-    return dequantize_nf4(w, dtype)
+def _nf4_weight(packed, absmax, absmax2, code2, offset, shape, blocksize, nested_blocksize, dtype):
+    """The CPU path's base: decoded as bitsandbytes does, rounded to ``dtype`` (x's, as the
+    kernels round their tiles); block by block in C++, whole in the PyTorch fallback."""
+    dtype = torch.float32 if dtype == torch.float64 else dtype  # the decode is fp32 anyway
+    return NF4Weight(packed, absmax, shape, dtype, blocksize, absmax2=absmax2, code2=code2,
+                     offset=offset, nested_blocksize=nested_blocksize)
 
 
 @torch.library.custom_op("speclora_kernels::adapter_linear_nf4_fwd", mutates_args=())
@@ -182,7 +171,7 @@ def adapter_linear_nf4_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: O
                                        int(seed) if seed is not None else 0,
                                        dropout_p if seed is not None else 0.0,
                                        drop_rows if seed is not None else 0, save_t)
-    return _torch_forward(x, _nf4_dense(*nf4, x.dtype), bias, down, scale, up, seed, dropout_p,
+    return _torch_forward(x, _nf4_weight(*nf4, x.dtype), bias, down, scale, up, seed, dropout_p,
                           drop_rows, save_t)
 
 
@@ -211,8 +200,7 @@ def adapter_linear_nf4_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor
                                         dropout_p if seed is not None else 0.0,
                                         drop_rows if seed is not None else 0, grad_rows,
                                         need_dx, need_ddown, need_dscale, need_dup)
-    weight = _nf4_dense(*nf4, x.dtype) if need_dx else None  # only dx = dy @ W reads W
-    return _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows,
+    return _torch_backward(dy, x, _nf4_weight(*nf4, x.dtype), down, scale, up, t, seed, dropout_p, drop_rows,
                            grad_rows, need_dx, need_ddown, need_dscale, need_dup)
 
 

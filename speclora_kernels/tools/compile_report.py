@@ -63,16 +63,21 @@ SCENARIOS = [
     ("decode-narrow", 16, 4096, 128, 64, True, "dense"),  # split at small M (R > out tile / 4)
     ("prompt-32-r128", 32, 4096, 4096, 128, False, "dense"),
     ("train", 4096, 4096, 4096, 64, True, "dense"),       # split, tensor-core tiles
-    ("train-nodrop", 4096, 4096, 4096, 16, False, "dense"),
+    ("train-nodrop", 4096, 4096, 4096, 16, False, "dense"),  # segmented (R 16: 5 segments)
+    ("train-seg", 8192, 4096, 4096, 64, True, "dense"),    # segmented forward and dx
+    ("train-seg-nodrop", 8192, 4096, 4096, 16, False, "dense"),
+    ("train-seg-r64", 8192, 4096, 4096, 64, False, "dense"),
+    ("train-seg-r16-drop", 8192, 4096, 4096, 16, True, "dense"),
     ("decode-nf4", 16, 4096, 4096, 16, True, "nf4"),      # fused, row decoder
     ("prompt-64-nf4", 64, 4096, 4096, 16, False, "nf4"),
     ("decode-r256-nf4", 16, 4096, 4096, 256, True, "nf4"),  # split
     ("train-nf4", 4096, 4096, 4096, 64, True, "nf4"),     # split, tensor-core tiles
+    ("train-seg-nf4", 8192, 4096, 4096, 64, True, "nf4"),  # segmented, row decoder
     ("decode-nf4-nodq", 16, 4096, 4096, 16, False, "nf4-nodq"),
     ("decode-nf4-oddk", 16, 4000, 4096, 16, True, "nf4"),  # span decoder
     ("train-nf4-oddk", 4096, 4000, 4096, 64, False, "nf4"),
 ]
-QUICK = ("decode", "train", "decode-nf4", "train-nf4", "decode-nf4-oddk")
+QUICK = ("decode", "train", "train-seg", "decode-nf4", "train-nf4", "decode-nf4-oddk")
 
 
 @dataclass
@@ -156,8 +161,8 @@ def _specialize(fn, args: dict):
 
 
 def _variant(kernel, args) -> str:
-    flags = [k for k in ("FUSE_DOWN", "FUSE_UP", "STORE_T", "STORE_G", "HAS_DROPOUT",
-                         "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
+    flags = [k for k in ("FUSE_DOWN", "SEGMENTED", "FUSE_UP", "STORE_T", "STORE_G",
+                         "HAS_DROPOUT", "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
                          "NF4_DOUBLE_QUANT") if args.get(k)]
     return f"R{args['BLOCK_R']} " + ",".join(f.lower() for f in flags)
 
