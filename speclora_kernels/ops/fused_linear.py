@@ -253,12 +253,12 @@ def _fwd_epilogue(acc, t, t_ptr, bias_ptr, s_ptr, u_ptr, y_ptr, offs_m, offs_n, 
                   M, N, R, stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
                   HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, BLOCK_R: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """y tile = acc + (t * s) @ U[offs_n].T + bias, stored once. t: the register-resident
+    """y tile = acc + t @ (s * U[offs_n]).T + bias, stored once. t: the register-resident
     projection (FUSE_DOWN), else read from ``t_ptr`` in rank chunks of BLOCK_R."""
     row_ok = offs_m[:, None] < M
     if FUSE_DOWN:
-        acc = _up_step(acc, _pad_ranks(t, offs_r, R), offs_r, offs_n, s_ptr, u_ptr, R, N, stride_un, stride_ur,
-                       DOT_PRECISION)
+        acc = _up_step(acc, _pad_ranks(t, offs_r, R), offs_r, offs_n, s_ptr, u_ptr, R, N,
+                       stride_un, stride_ur, DOT_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             offs_rc = r0 + offs_r
@@ -416,9 +416,9 @@ def _dx_epilogue(acc, g, g_ptr, s_ptr, d_ptr, dx_ptr, offs_m, offs_k, k0, offs_r
     row_ok = offs_m[:, None] < M
     acc_drop = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if FUSE_UP:
-        acc, acc_drop = _down_back_step(acc, acc_drop, _pad_ranks(g, offs_r, R), offs_r, offs_k, 0, s_ptr, d_ptr, R,
-                                        K, stride_dr, stride_dk, drop_rows, HAS_DROPOUT,
-                                        BLOCK_R, DOT_PRECISION)
+        acc, acc_drop = _down_back_step(acc, acc_drop, _pad_ranks(g, offs_r, R), offs_r,
+                                        offs_k, 0, s_ptr, d_ptr, R, K, stride_dr, stride_dk,
+                                        drop_rows, HAS_DROPOUT, BLOCK_R, DOT_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             offs_rc = r0 + offs_r
