@@ -310,7 +310,9 @@ def test_segmented_forward_counts_exact(monkeypatch):
     x, w = torch.randn(m, in_f), torch.randn(out_f, in_f) / 8
     d, s, u = torch.randn(r, in_f) / 8, torch.rand(r) + 0.5, torch.randn(out_f, r)
     monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
-    monkeypatch.setattr(fl.FWD, "configs", [c for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
+    monkeypatch.setattr(fl.FWD, "configs",  # 64-wide tiles at the 8 warps segments need
+                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
+                         for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
     with fl.pinned_segments(segments), count_triton() as c:
         y, _ = fl.adapter_forward(x, w, None, d, s, u, 0, 0.0, 0, False)
     ref = x.double() @ w.double().T + ((x.double() @ d.double().T) * s.double()) @ u.double().T

@@ -57,11 +57,11 @@ def kernel_launches():
 SEGMENTS = 2  # forced segmented path: 2 segments of the 64-wide output column tiles
 
 
-def narrow_dx_configs(configs):
-    """dx configs with 64-wide output tiles, at 8 warps as the segmented dx requires (warps
-    mean nothing to the interpreter)."""
+def narrow_configs(configs, out="BLOCK_K"):
+    """Configs with 64-wide output tiles (``out``: BLOCK_N forward, BLOCK_K dx), at 8 warps
+    as the segmented kernels require (warps mean nothing to the interpreter)."""
     return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
-            if c.kwargs["BLOCK_K"] == 64]
+            if c.kwargs[out] == 64]
 
 
 @contextlib.contextmanager
@@ -75,8 +75,8 @@ def forced_path(path):
     if path is not None:
         fl.use_fused_path = lambda *shape, dropout=False: path == "fused"
     if path == "segmented":
-        fl.FWD.configs = [c for c in configs[0] if c.kwargs["BLOCK_N"] == 64]
-        fl.DX.configs = narrow_dx_configs(configs[1])
+        fl.FWD.configs = narrow_configs(configs[0], "BLOCK_N")
+        fl.DX.configs = narrow_configs(configs[1])
     try:
         with fl.pinned_segments(SEGMENTS if path == "segmented" else None):
             yield

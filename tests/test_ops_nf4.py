@@ -152,9 +152,10 @@ def test_segmented_path(layout, monkeypatch):
     segments: y 2 + 1 tiles, dx 2 + 2 (rows) or 2 + 1 (span); the decoders run inside the
     segment loops."""
     monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
-    monkeypatch.setattr(fl.FWD, "configs",
-                        [c for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
-    monkeypatch.setattr(fl.DX, "configs",  # 64-wide dx tiles at the 8 warps segments need
+    monkeypatch.setattr(fl.FWD, "configs",  # 64-wide tiles at the 8 warps segments need
+                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
+                         for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
+    monkeypatch.setattr(fl.DX, "configs",
                         [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
                          for c in fl.DX.configs if c.kwargs["BLOCK_K"] == 64])
     torch.manual_seed(layout[0] + 1)

@@ -35,6 +35,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -133,7 +134,9 @@ def _launches(M, K, N, R, dropout, dtype, base="dense"):
     t = torch.empty(M, R, device="meta")
     # representative dropout: the trainable rows of a SpecLoRA-like layout
     drop = dict(seed=12345, dropout_p=0.1 if dropout else 0.0, drop_rows=R // 2 or 1)
-    with fl.record_launches(dry_run=True) as launches:
+    # every plan a launch can take, the opt-in segmented kernels included
+    with fl.record_launches(dry_run=True) as launches, \
+            mock.patch.dict(os.environ, {fl.SEGMENTED_ENV: "1"}):
         fl.adapter_forward(x, w, b, d, s, u, save_t=True, **drop)
         fl.adapter_backward(torch.empty(M, N, **meta), x, w, d, s, u, t, grad_rows=R // 2 or 1,
                             need_dx=True, need_ddown=True, need_dscale=True, need_dup=True,
