@@ -499,8 +499,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
     // Adapter part first (it initializes dx), then the base product accumulates into it.
     Tensor dxa = rd < R ? at::mm(gs.narrow(1, rd, R - rd), d.narrow(0, rd, R - rd))
                         : at::zeros({M, a.K}, dya.options());
-    if (rd > 0)
-      dxa.add_(at::mm(gs.narrow(1, 0, rd), d.narrow(0, 0, rd)).mul_(*keep).div_(1.0 - p));
+    if (rd > 0)  // 1 / (1 - p) on the (M, rd) factor, not on the (M, K) product
+      dxa.add_(at::mm(gs.narrow(1, 0, rd) / (1.0 - p), d.narrow(0, 0, rd)).mul_(*keep));
     if (base.dense.defined()) {
       dxa.addmm_(dya, base.dense);
     } else {
@@ -511,11 +511,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
   }
   if (need_ddown) {
     const Tensor xa = x.to(acc);
-    d_down = at::zeros_like(down);
+    // rows >= rg are frozen: zeros; when every row gets gradient, all are written below
+    d_down = rg < R ? at::zeros_like(down) : at::empty_like(down);
     const int64_t cut = std::min(rd, rg);
     if (cut > 0) {
-      const Tensor gs = g.narrow(1, 0, cut) * s.narrow(0, 0, cut);
-      d_down.narrow(0, 0, cut).copy_(at::mm(gs.t(), xa * *keep).div_(1.0 - p));
+      const Tensor gs = g.narrow(1, 0, cut) * (s.narrow(0, 0, cut) / (1.0 - p));
+      d_down.narrow(0, 0, cut).copy_(at::mm(gs.t(), xa * *keep));
     }
     if (rg > cut) {
       const Tensor gs = g.narrow(1, cut, rg - cut) * s.narrow(0, cut, rg - cut);
@@ -524,7 +525,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
   }
   if (need_dscale) d_scale = (g * t.to(acc)).sum(0).to(scale.scalar_type());
   if (need_dup) {
-    d_up = at::zeros_like(up);
+    d_up = rg < R ? at::zeros_like(up) : at::empty_like(up);
     if (rg > 0)
       d_up.narrow(1, 0, rg).copy_(at::mm(dya.t(), t.narrow(1, 0, rg).to(acc) * s.narrow(0, 0, rg)));
   }
