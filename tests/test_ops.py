@@ -548,4 +548,10 @@ def test_torch_compile_fullgraph():
     assert rel_err(y1, y0) < 1e-5
     for a, b in zip(g1, g0):
         assert rel_err(a, b) < 1e-5
+    # no grad: eager takes the op's inference path (no autograd.Function), compiled the
+    # custom op; same seed, same mask, same y as with gradients
+    with torch.no_grad(), inductor_config.patch(fallback_random=True):
+        for fn in (module, torch.compile(module, fullgraph=True)):
+            torch.manual_seed(1)
+            assert rel_err(fn(x), y0) < 1e-5
 

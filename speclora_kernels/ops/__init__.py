@@ -10,8 +10,7 @@ import torch
 
 from .._validate import check_adapter_inputs
 from ..quant import NF4Weight
-from .autograd import (FusedAdapterLinearFunction, NF4AdapterLinearFunction, _eager, _fwd,
-                       _nf4_fwd, adapter_linear_fwd, adapter_linear_nf4_fwd)
+from .autograd import FusedAdapterLinearFunction, NF4AdapterLinearFunction, inference_forward
 from .dropout import dropout_keep_mask, dropout_seed
 
 
@@ -54,15 +53,8 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     drop = (float(dropout_p) if active else 0.0, rd if active else 0, rg)
     record = torch.is_grad_enabled() and any(
         isinstance(v, torch.Tensor) and v.requires_grad for v in (x, weight, bias, down, scale, up))
-    if not record:  # inference: no graph, so none of autograd.Function's bookkeeping
-        if nf4:
-            y = _eager(adapter_linear_nf4_fwd, _nf4_fwd)(
-                x2d, weight.packed, weight.absmax, weight.absmax2, weight.code2, weight.offset,
-                weight.blocksize, weight.nested_blocksize, bias, down, scale, up, seed,
-                *drop[:2], False)[0]
-        else:
-            y = _eager(adapter_linear_fwd, _fwd)(x2d, weight, bias, down, scale, up, seed,
-                                                 *drop[:2], False)[0]
+    if not record:
+        y = inference_forward(x2d, weight, bias, down, scale, up, seed, *drop[:2])
     elif nf4:
         y = NF4AdapterLinearFunction.apply(x2d, weight.packed, weight.absmax, weight.absmax2,
                                            weight.code2, weight.offset, weight.blocksize,

@@ -266,3 +266,17 @@ class NF4AdapterLinearFunction(torch.autograd.Function):
         return (dx if need_x else None, None, None, None, None, None, None, None, d_bias,
                 d_down if need_d else None, d_scale if need_s else None,
                 d_up if need_u else None, None, None, None, None)
+
+
+# ------------------------------------------------------------------ no gradient
+def inference_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows) -> Tensor:
+    """y alone, recorded for no gradient: what the public op runs when nothing needs one
+    (autograd.Function's bookkeeping costs more than a small layer's forward on CPU).
+    ``weight``: dense, or an ``NF4Weight``."""
+    if isinstance(weight, NF4Weight):
+        fwd = _eager(adapter_linear_nf4_fwd, _nf4_fwd)
+        return fwd(x, weight.packed, weight.absmax, weight.absmax2, weight.code2, weight.offset,
+                   weight.blocksize, weight.nested_blocksize, bias, down, scale, up, seed,
+                   dropout_p, drop_rows, False)[0]
+    fwd = _eager(adapter_linear_fwd, _fwd)
+    return fwd(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, False)[0]
