@@ -1,4 +1,5 @@
 """The wheel ships every module and the C++ sources, and the backend finds them there."""
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,8 +18,15 @@ def test_package_list_covers_every_package():
 
 
 def test_wheel_contains_sources_and_backend_finds_them(tmp_path):
+    # build from a copy: setuptools writes build/ into the source tree it builds
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("speclora_kernels", "csrc"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("speclora_kernels-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())

@@ -4,7 +4,8 @@
 
 with a dense base or an NF4 base in bitsandbytes' layout (decoded block by block inside the
 product, never as a whole weight), forward and backward, semantics identical to the PyTorch
-path of ``speclora_kernels.ops`` (``_torch_forward`` / ``_torch_backward``).
+path of ``speclora_kernels.ops`` (which calls :func:`forward` / :func:`backward` for CPU
+tensors).
 
 :func:`load` compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into a cache
 directory the first time it runs in a machine, then loads the library as
@@ -196,19 +197,23 @@ def keep_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     return dropout_keep_mask(seed, (rows, cols), p, device=device)
 
 
-# ---- drop-ins for ops/autograd.py's _torch_forward / _torch_backward (seed instead of mask)
+# ---- the op's CPU path (ops/autograd.py): a seed instead of a mask
+def _seeded_keep(seed, x, dropout_p, drop_rows):
+    return keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+
+
 def forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
-    """Same signature and result as ``ops.autograd._torch_forward``; dropout iff ``seed`` is
+    """``(y, t)`` as the op's custom forward returns them; dropout iff ``seed`` is
     given and ``drop_rows > 0``."""
-    keep = keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+    keep = _seeded_keep(seed, x, dropout_p, drop_rows)
     return adapter_forward(x, weight, bias, down, scale, up, keep, dropout_p,
                            drop_rows if keep is not None else 0, save_t)
 
 
 def backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows, need_dx,
              need_ddown, need_dscale, need_dup):
-    """Same signature and result as ``ops.autograd._torch_backward``."""
-    keep = keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+    """``(dx, d_down, d_scale, d_up)`` as the op's custom backward returns them."""
+    keep = _seeded_keep(seed, x, dropout_p, drop_rows)
     return adapter_backward(dy, x, weight, down, scale, up, t, keep, dropout_p,
                             drop_rows if keep is not None else 0, grad_rows, need_dx,
                             need_ddown, need_dscale, need_dup)

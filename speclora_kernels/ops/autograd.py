@@ -8,17 +8,17 @@ Two custom ops, opaque to ``torch.compile`` (so ``fullgraph=True`` traces throug
 
 The autograd Functions call them through the dispatcher only while torch.compile traces;
 eagerly they call the same Python functions directly (``_eager``: custom-op dispatch costs
-~40 µs a call on CPU). Each dispatches per call: CUDA tensors run the Triton kernels (``fused_linear``); CPU
-tensors run the C++ backend (``speclora_kernels.cpu``, built on first use; its PyTorch
+~40 µs a call on CPU). Each dispatches per call: CUDA tensors run the Triton kernels
+(``fused_linear``); CPU tensors run the C++ backend (``speclora_kernels.cpu``, built on first use; its PyTorch
 fallback when it cannot be built), except under ``TRITON_INTERPRET=1``, where they run the
 Triton kernels in the interpreter; float64 always runs the PyTorch path. Every path draws
 the same dropout mask (``dropout.py``), so a seed means the same thing everywhere.
 
 An NF4 base has its own pair, ``adapter_linear_nf4_fwd`` / ``adapter_linear_nf4_bwd``: the
 bitsandbytes tensors (packed codes, absmax, and absmax2, code2, offset with double quant)
-and the block sizes replace ``W``. The kernels decode tiles in registers, the C++ backend block by
-block; only the PyTorch fallback dequantizes the whole weight (to x's dtype, as the kernels
-round their tiles).
+and the block sizes replace ``W``. The kernels decode tiles in registers, the C++ backend
+block by block; only the PyTorch fallback dequantizes the whole weight (to x's dtype, as
+the kernels round their tiles).
 """
 from __future__ import annotations
 
@@ -48,14 +48,10 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-# ------------------------------------------------------------------ CPU / PyTorch path
-# ``speclora_kernels.cpu`` runs the C++ backend for CPU tensors it supports and the PyTorch
-# path (``cpu.fallback``) for everything else (no compiler, float64 weights, other devices);
-# both regenerate the same keep-mask from the seed.
-_torch_forward, _torch_backward = _cpu.forward, _cpu.backward
-
-
 # ------------------------------------------------------------------ custom ops
+# Without Triton, ``speclora_kernels.cpu`` serves the call: the C++ backend for CPU tensors
+# it supports, the PyTorch path (``cpu.fallback``) for the rest (no compiler, float64, other
+# devices); both regenerate the kernels' keep-mask from the seed.
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor,
          scale: Tensor, up: Tensor, seed: Optional[Tensor], dropout_p: float,
          drop_rows: int, save_t: bool) -> tuple[Tensor, Tensor]:
@@ -65,7 +61,7 @@ def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], down: Tensor,
                                        int(seed) if seed is not None else 0,
                                        dropout_p if seed is not None else 0.0,
                                        drop_rows if seed is not None else 0, save_t)
-    return _torch_forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t)
+    return _cpu.forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t)
 
 
 adapter_linear_fwd = torch.library.custom_op("speclora_kernels::adapter_linear_fwd", _fwd,
@@ -91,8 +87,8 @@ def _bwd(dy: Tensor, x: Tensor, weight: Tensor, down: Tensor, scale: Tensor,
                                         dropout_p if seed is not None else 0.0,
                                         drop_rows if seed is not None else 0, grad_rows,
                                         need_dx, need_ddown, need_dscale, need_dup)
-    return _torch_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows,
-                           grad_rows, need_dx, need_ddown, need_dscale, need_dup)
+    return _cpu.backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows,
+                         grad_rows, need_dx, need_ddown, need_dscale, need_dup)
 
 
 adapter_linear_bwd = torch.library.custom_op("speclora_kernels::adapter_linear_bwd", _bwd,
@@ -185,8 +181,8 @@ def _nf4_fwd(x: Tensor, packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor
                                        int(seed) if seed is not None else 0,
                                        dropout_p if seed is not None else 0.0,
                                        drop_rows if seed is not None else 0, save_t)
-    return _torch_forward(x, _nf4_weight(*nf4, x.dtype), bias, down, scale, up, seed, dropout_p,
-                          drop_rows, save_t)
+    return _cpu.forward(x, _nf4_weight(*nf4, x.dtype), bias, down, scale, up, seed, dropout_p,
+                        drop_rows, save_t)
 
 
 adapter_linear_nf4_fwd = torch.library.custom_op("speclora_kernels::adapter_linear_nf4_fwd",
@@ -217,9 +213,9 @@ def _nf4_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor,
                                         dropout_p if seed is not None else 0.0,
                                         drop_rows if seed is not None else 0, grad_rows,
                                         need_dx, need_ddown, need_dscale, need_dup)
-    return _torch_backward(dy, x, _nf4_weight(*nf4, x.dtype), down, scale, up, t, seed,
-                           dropout_p, drop_rows, grad_rows, need_dx, need_ddown, need_dscale,
-                           need_dup)
+    return _cpu.backward(dy, x, _nf4_weight(*nf4, x.dtype), down, scale, up, t, seed,
+                         dropout_p, drop_rows, grad_rows, need_dx, need_ddown, need_dscale,
+                         need_dup)
 
 
 adapter_linear_nf4_bwd = torch.library.custom_op("speclora_kernels::adapter_linear_nf4_bwd",

@@ -1012,14 +1012,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _needs_int64(*tensors) -> bool:
+def _needs_int64(*operands) -> bool:
     """True if an index times a stride, in some kernel, can pass int32 for one of these
-    tensors: its farthest element, plus the widest tile's padding (masked lanes still form
-    their address), lies 2^31 elements or more from its start."""
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            strides = [abs(st) for st in t.stride()]
-            far = sum((n - 1) * st for n, st in zip(t.shape, strides))
+    operands (tensors, or shapes of contiguous outputs not allocated yet): its farthest
+    element, plus the widest tile's padding (masked lanes still form their address), lies
+    2^31 elements or more from its start."""
+    for op in operands:
+        if op is None or isinstance(op, NF4Base):  # NF4 decoders index in int64
+            continue
+        if isinstance(op, torch.Tensor):
+            shape, strides = op.shape, [abs(st) for st in op.stride()]
+        else:
+            shape, strides = op, [math.prod(op[i + 1:]) for i in range(len(op))]
+        if math.prod(shape):
+            far = sum((n - 1) * st for n, st in zip(shape, strides))
             if far + 256 * max(strides) >= 2**31:
                 return True
     return False
@@ -1086,8 +1092,7 @@ def adapter_forward(x, weight, bias, down, scale, up, seed: int, dropout_p: floa
     drop = dict(seed=int(seed), dropout_p=float(dropout_p),
                 drop_rows=int(drop_rows) if has_dropout else 0,
                 DOT_PRECISION=_dot_precision(x.dtype),
-                IDX64=_needs_int64(x, weight if isinstance(weight, torch.Tensor) else None,
-                                   down, up, y, t))
+                IDX64=_needs_int64(x, weight, down, up, y, t))
     if not down_in_kernel:
         PROJ(a_ptr=x, b_ptr=down, out_ptr=t, M=M, K=K, R=R,
              stride_am=x.stride(0), stride_ak=x.stride(1),
@@ -1122,9 +1127,8 @@ def adapter_backward(dy, x, weight, down, scale, up, t, seed: int, dropout_p: fl
     drop = dict(seed=int(seed), dropout_p=float(dropout_p),
                 drop_rows=int(drop_rows) if has_dropout else 0,
                 DOT_PRECISION=_dot_precision(x.dtype),
-                IDX64=_needs_int64(dy, x, weight if isinstance(weight, torch.Tensor) else None,
-                                   down, up, t, *(torch.empty(shape, device="meta") for shape in
-                                                  ((M, K), (M, R), down.shape, up.shape))))
+                IDX64=_needs_int64(dy, x, weight, down, up, t,  # and dx, g, dD, dU:
+                                   (M, K), (M, R), tuple(down.shape), tuple(up.shape)))
     # dx draws each mask element once
     fused = need_dx and use_fused_path(M, K, N, R) and R <= _fused_rank_cap(weight)
     segments = 0
