@@ -1,14 +1,15 @@
 """The contenders, each built on one shared :class:`Problem` (same ``x``, ``W``, bias,
 adapter factors and ``dy``), plus the float64 check every contender must pass.
 
-One clearly marked builder per contender (``CONTENDERS``). A builder returns a
+One clearly marked builder per contender (``CONTENDERS``); ``peft_patched`` and
+``bnb_peft_patched`` are PEFT's own LoRA layers after ``speclora_kernels.patch_peft``. A builder returns a
 :class:`Bound`: the call, a training/inference switch and the trainable tensors.
 A builder raises :class:`Unavailable` only when an optional dependency is missing
 (package not installed, module not landed yet); any other error propagates, so a broken
 contender fails the run instead of disappearing from it.
 
 Adapters: ours gets ``D``, ``s``, ``U``; PEFT gets the same adapter as a rank-R LoRA
-(``lora_A = D``, ``lora_B = U diag(s) / scaling``, DESIGN.md §1 export), so every
+(``lora_A = D``, ``lora_B = U diag(s) / scaling``, the export every method has), so every
 contender computes the same function and their outputs are checked against each other.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def make_problem(case: Case, *, dtype=torch.float32, device="cpu", adapter="lora
     """Random inputs for ``case``. ``adapter='lora'``: all R rows trainable with
     ``s = alpha / R`` (exactly PEFT's rank-R LoRA). ``adapter='speclora'``: ``D = [A; Q_k.T]``,
     ``s = [alpha/r; sigma_k * m]``, ``U = [B, P_k]`` with only the r LoRA rows trainable
-    and dropped out (DESIGN.md §1)."""
+    and dropped out (the README's "Methods" table)."""
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
     g = torch.Generator().manual_seed(seed)
@@ -253,6 +254,29 @@ def build_bnb_peft(p: Problem) -> Bound:
     return bound
 
 
+# ------------------------------------------ contenders: PEFT's LoRA under patch_peft (ours)
+def _patched(bound: Bound) -> Bound:
+    """The same PEFT model with its LoRA layers on the fused op (``patch_peft(model)``:
+    this model only, so the unpatched contenders stay PEFT's own)."""
+    try:
+        from speclora_kernels.peft import patch_peft
+    except ImportError as err:
+        raise Unavailable(f"speclora_kernels.peft unavailable ({err})") from None
+    if patch_peft(bound.run) != 1:
+        raise RuntimeError("patch_peft found no PEFT LoRA layer to patch")
+    return bound
+
+
+def build_peft_patched(p: Problem) -> Bound:
+    """HF PEFT LoRA after ``speclora_kernels.patch_peft()``: PEFT's layer, our fused op."""
+    return _patched(build_peft(p))
+
+
+def build_bnb_peft_patched(p: Problem) -> Bound:
+    """bnb ``Linear4bit`` + PEFT LoRA after ``patch_peft()``: the NF4 fused op."""
+    return _patched(build_bnb_peft(p))
+
+
 def _op_bound(p: Problem, op, weight, nf4=False) -> Bound:
     down, up = _trainable(p)
     mode = {"training": False}
@@ -269,8 +293,8 @@ def _op_bound(p: Problem, op, weight, nf4=False) -> Bound:
 
 # ---------------------------------------------------------------- contender: our reference op
 def build_reference(p: Problem) -> Bound:
-    """``speclora_kernels.reference.fused_adapter_linear``: plain PyTorch, fp32 accumulation."""
-    from speclora_kernels.reference import fused_adapter_linear
+    """``speclora_kernels.ops.reference_adapter_linear``: plain PyTorch, fp32 accumulation."""
+    from speclora_kernels.ops import reference_adapter_linear as fused_adapter_linear
     return _op_bound(p, fused_adapter_linear, p.weight)
 
 
@@ -298,11 +322,14 @@ CONTENDERS: dict[str, Callable[[Problem], Bound]] = {
     "reference": build_reference,
     "fused": build_fused,
     "fused_nf4": build_fused_nf4,
+    "peft_patched": build_peft_patched,
+    "bnb_peft_patched": build_bnb_peft_patched,
 }
 """Name -> builder, in table order."""
 
 BASELINE = {"linear": None, "peft": None, "bnb_peft": None, "reference": "peft",
-            "fused": "peft", "fused_nf4": "bnb_peft"}
+            "fused": "peft", "fused_nf4": "bnb_peft", "peft_patched": "peft",
+            "bnb_peft_patched": "bnb_peft"}
 """Who each contender's speed-up is measured against (same weight format)."""
 
 
@@ -314,7 +341,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def expected_output(p: Problem, bound: Bound) -> torch.Tensor:
     """The float64 ground truth for ``bound`` (inference, no dropout)."""
-    from speclora_kernels.reference import fused_adapter_linear
+    from speclora_kernels.ops import reference_adapter_linear as fused_adapter_linear
 
     w = p.dequantized_weight() if bound.nf4 else p.weight
     d = torch.float64
@@ -350,7 +377,7 @@ def check_gradients(name: str, p: Problem, build: Callable[[Problem], Bound]) ->
     """Training-mode backward of a fresh ``build`` (dropout off) vs float64 autograd of the
     reference: ``dx`` always, ``dD``/``dU`` for the tensors a contender names ``down``/``up``.
     Returns the worst relative error; raises AssertionError naming the contender."""
-    from speclora_kernels.reference import fused_adapter_linear
+    from speclora_kernels.ops import reference_adapter_linear as fused_adapter_linear
 
     p = replace(p, dropout_p=0.0)
     bound = build(p)

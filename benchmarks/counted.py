@@ -9,12 +9,18 @@ bytes counted per op). ``base floor`` is the base matmul alone (``nn.Linear``; f
 an NF4 base) and ``op floor`` the whole op, each at its floor (every operand read once,
 result written once, one launch).
 
-Every time in this table is *predicted* for an H100 from DESIGN.md §3's ceilings
-(3.0 TB/s, 800 TFLOP/s bf16) plus 2 µs per launch: ``max(bytes/BW, FLOPs/peak) + 2 µs``
-per kernel, summed over kernels that run one after another (``tools.floors.
-predict_h100_serial``, ``predict_ops``). The fused kernels' prediction uses their distinct
-bytes (tiles re-read by other programs assumed to hit in L2); ``pred_us_requested``
-charges every requested byte to DRAM, the pessimistic end.
+Every time in this table is *predicted* for an H100, none measured. ``pred_us`` comes from
+``speclora_kernels.tools.gpu_model`` (per launch: its counted programs against 132 SMs, a
+per-SM bandwidth ceiling, the counted bytes requested beyond the distinct ones as L2
+re-reads, the NF4 decode instructions per element read from the compiled sm_90 kernels,
+2 µs per launch; ``tools/gpu_model.py`` states every figure and its source). Beside it,
+``pred_us_bandwidth_only`` is the model the tables used before (``speclora_kernels.
+hardware``'s ceilings, 3.0 TB/s and 800 TFLOP/s bf16, plus 2 µs per launch:
+``max(bytes/BW, FLOPs/peak) + 2 µs`` per kernel on distinct bytes, ``tools.floors.
+predict_h100_serial``), which assumes every launch fills the GPU; ``pred_us_requested``
+charges every requested byte to DRAM under that model, the pessimistic end. PEFT's ops and
+the floors are cuBLAS / bitsandbytes launches that choose their own grids: they are
+modelled as filling the GPU (``tools.floors.predict_ops``), the same under both models.
 
 Where the interpreter cannot afford the real shape (M*N*K above ``REAL_SHAPE_MAX_MACS``:
 the LLM shapes from M = 512 on), the op runs at reduced K (``--k-run``) and, beyond the
@@ -24,8 +30,8 @@ the two smallest values per axis; the count at the third value must match exactl
 dry run must pick the same tile configs as at the real shape, or the row reports the
 reduced shape as counted, marked ``not extrapolated``. The forward's and the backward's
 plans depend on M (the segmented forward and dx only from M where they fill the GPU), so
-the real shape's segment count is pinned at the reduced points
-(``fused_linear.pinned_segments``) and checked there like the tile configs. The
+the real shape's plan is forced at the reduced points
+(``ops.plan.forced_plan``) and checked there like the tile configs. The
 interpreter runs the config with the fewest programs, not the one a GPU's autotuner would
 pick.
 
@@ -43,6 +49,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from fractions import Fraction  # noqa: E402
+from unittest import mock  # noqa: E402
 from itertools import product  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -113,8 +120,9 @@ def launch_configs(tokens: int, n_out: int, k_in: int, rank: int, direction: str
     when the kernels module offers no dry run. Extrapolation is exact only if these agree
     between the reduced and the real shape."""
     try:
-        from speclora_kernels.ops import fused_linear as fl
-        record, pick, limit = fl.record_launches, fl.TunedKernel.candidates, fl.smem_limit
+        from speclora_kernels.ops import launch, tuning
+        record, pick, limit = tuning.record_launches, tuning.TunedKernel.candidates, \
+            tuning.smem_limit
     except (ImportError, AttributeError):
         return None
     meta = lambda *shape, dtype=DTYPE: torch.empty(*shape, dtype=dtype, device="meta")
@@ -122,11 +130,11 @@ def launch_configs(tokens: int, n_out: int, k_in: int, rank: int, direction: str
     s = meta(rank, dtype=torch.float32)
     with record(dry_run=True) as launches:
         if direction == "forward":
-            fl.adapter_forward(x, w, meta(n_out) if bias else None, d, s, u, 0, 0.0, 0, False)
+            launch.adapter_forward(x, w, meta(n_out) if bias else None, d, s, u, 0, 0.0, 0, False)
         else:
             t = meta(tokens, rank, dtype=torch.float32)
-            fl.adapter_backward(meta(tokens, n_out), x, w, d, s, u, t, 0, 0.0, 0, rank,
-                                True, True, False, True)
+            launch.adapter_backward(meta(tokens, n_out), x, w, d, s, u, t, 0, 0.0, 0, rank,
+                                    True, True, False, True)
     return [(k.name, pick(k, a, limit(a))[0].kwargs, a.get("SEGMENTED"), a.get("n_segments"))
             for k, a in launches]
 
@@ -136,8 +144,18 @@ def segments_at(tokens: int, n_out: int, k_in: int, rank: int, direction: str,
     """(column segments, output tile width) of the segmented forward or dx launch at this
     shape, (0, 0) if none, from a dry run on meta tensors."""
     plan = launch_configs(tokens, n_out, k_in, rank, direction, bias) or ()
-    return next(((n, cfg.get("BLOCK_N" if name == "_fwd_kernel" else "BLOCK_K"))
+    return next(((n, cfg.get("BLOCK_N" if name == "fwd_kernel" else "BLOCK_K"))
                  for name, cfg, seg, n in plan if seg), (0, 0))
+
+
+def pinned_plan(segments: int):
+    """The real shape's plan at every point: ``segments`` column segments, or (0) the
+    launcher's own choice with the segmented kernels off."""
+    from speclora_kernels.ops import plan
+
+    if segments:
+        return plan.forced_plan("segmented", segments)
+    return mock.patch.dict(os.environ, {plan.SEGMENTED_ENV: "0"})
 
 
 def _multilinear(values: dict, axes: list, at: tuple) -> Fraction:
@@ -180,9 +198,7 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
         k_in, m = point[0], point[1] if len(point) > 1 else tokens
         return count_once(shape, m, k_in, rank, direction, nf4)
 
-    from speclora_kernels.ops.fused_linear import pinned_segments
-
-    with pinned_segments(segments):  # the real shape's plan, also at the reduced points
+    with pinned_plan(segments):  # the real shape's plan, also at the reduced points
         counts = {pt: at(pt) for pt in corners + [check]}
     axes = [run[:2] for run in axes_runs]
     names = ("K", "M")
@@ -207,7 +223,7 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
 
     configs = {}
     if not nf4:
-        with pinned_segments(segments):
+        with pinned_plan(segments):
             configs = {pt: plan_at(pt) for pt in corners + [check]}
         configs[real] = plan_at(real)
     if not configs or any(c is None for c in configs.values()):
@@ -222,6 +238,29 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
     return {"per_kernel": out, "k_in": shape.in_features, "tokens": tokens, "counted_k": label}
 
 
+DECODING_KERNELS = ("dequant_kernel", "fwd_kernel", "fwd_splitk_kernel", "dx_kernel")
+"""Kernels that decode an NF4 base: the dequantize launch where a call has one (it decodes
+W once for the GEMMs after it), else the GEMM kernel (one row tile: each element once)."""
+
+
+def model_launches(per_kernel: dict, nf4: bool, n_out: int, k_in: int) -> list:
+    """``tools.gpu_model`` launches of one call from its counted figures: per launch the
+    counted programs, distinct bytes (DRAM), bytes requested beyond them (L2) and dot
+    FLOPs; on an NF4 base the kernel that decodes W decodes its ``n_out * k_in`` elements."""
+    from speclora_kernels.tools.gpu_model import Launch
+
+    decoder = next((name for name in DECODING_KERNELS if name in per_kernel), None) if nf4 \
+        else None
+    launches = []
+    for name, k in per_kernel.items():
+        n = k["launches"]
+        unique = k["unique_load_bytes"] + k["unique_store_bytes"]
+        requested = k["load_bytes"] + k["store_bytes"]
+        launches += [Launch(name, k["programs"] // n, unique / n, (requested - unique) / n,
+                            k["dot_flops"] / n, n_out * k_in if name == decoder else 0.0)] * n
+    return launches
+
+
 def _prediction(nbytes: int, flops: int, launches: int) -> dict:
     from speclora_kernels.tools.floors import predict_h100
 
@@ -234,6 +273,7 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
              m_run: tuple[int, int, int] = (512, 1024, 1536)) -> list[dict]:
     """Fused (counted), PEFT / bnb+PEFT (op sequence), nn.Linear and op floors."""
     from speclora_kernels.tools import floors
+    from speclora_kernels.tools.gpu_model import predict
 
     n_out, k_in = shape.out_features, shape.in_features
     common = {"shape": shape.name, "models": "/".join(shape.models), "in_features": k_in,
@@ -254,7 +294,8 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
     requested = t["load_bytes"] + t["store_bytes"]
     unique = t["unique_load_bytes"] + t["unique_store_bytes"]
     # kernels run one after another: each is bound by its own bytes or FLOPs
-    pred = floors.predict_h100_serial(
+    pred = predict(model_launches(per, nf4, n_out, k_in))
+    bandwidth_only = floors.predict_h100_serial(
         (k["unique_load_bytes"] + k["unique_store_bytes"], k["dot_flops"], k["launches"])
         for k in per.values())
     pessimistic = floors.predict_h100_serial(
@@ -262,8 +303,10 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
     fused = {**common, "contender": "fused_nf4" if nf4 else "fused", "method": "counted",
              "counted_k": c["counted_k"], "kernels": "+".join(per), "launches": t["launches"],
              "programs": t["programs"], "bytes_requested": requested, "unique_bytes": unique,
-             "flops": t["dot_flops"], "pred_us": pred.us, "bound": pred.bound,
-             "pred_us_requested": pessimistic.us, "interpreter_s": time.perf_counter() - t0}
+             "flops": t["dot_flops"], "pred_us": pred.us,
+             "bound": "+".join(part[2] for part in pred.parts),
+             "pred_us_bandwidth_only": bandwidth_only.us, "pred_us_requested": pessimistic.us,
+             "interpreter_s": time.perf_counter() - t0}
     out = [fused]
     kw = dict(dtype=DTYPE, weight_bytes=wbytes)
     if direction == "forward":
@@ -349,7 +392,9 @@ def brief(rows: list[dict]) -> list[dict]:
             g.update({"counted at K": r["counted_k"], "launches": r["launches"],
                       "MB distinct": r["unique_bytes"] / 1e6,
                       "MB requested": r["bytes_requested"] / 1e6, "GFLOP": r["flops"] / 1e9,
-                      "fused µs": r["pred_us"], "PEFT/fused": r.get("pred_speedup_vs_peft"),
+                      "fused µs": r["pred_us"],
+                      "fused µs, bandwidth-only": r["pred_us_bandwidth_only"],
+                      "PEFT/fused": r.get("pred_speedup_vs_peft"),
                       "fused/base": r["pred_vs_base"]})
         elif r["method"] == "op sequence":
             g["PEFT µs"] = min(g.get("PEFT µs", float("inf")), r["pred_us"])
@@ -359,12 +404,13 @@ def brief(rows: list[dict]) -> list[dict]:
 
 
 BRIEF_COLUMNS = ("shape", "M", "R", "dir", "weight", "counted at K", "launches", "MB distinct",
-                 "MB requested", "GFLOP", "fused µs", "PEFT µs", "base floor µs", "PEFT/fused",
+                 "MB requested", "GFLOP", "fused µs", "fused µs, bandwidth-only", "PEFT µs",
+                 "base floor µs", "PEFT/fused",
                  "fused/base")
 
 COLUMNS = ("shape", "tokens", "rank", "direction", "contender", "method", "counted_k",
-           "launches", "bytes_requested", "unique_bytes", "flops", "pred_us",
-           "pred_us_requested", "bound", "pred_speedup_vs_peft", "pred_vs_base")
+           "launches", "programs", "bytes_requested", "unique_bytes", "flops", "pred_us",
+           "pred_us_bandwidth_only", "pred_us_requested", "bound", "pred_speedup_vs_peft", "pred_vs_base")
 
 
 DEFAULT_PLAN = (

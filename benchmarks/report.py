@@ -97,7 +97,8 @@ def pivot(rows: Sequence[dict], names: Sequence[str]) -> tuple[list[dict], list[
         row[r["contender"]] = f"{_fmt(r['median_us'])} ±{_fmt(r['iqr_us'] / 2)}"
         row["_" + r["contender"]] = r["median_s"]
     ratios = (("fused/peft", "fused", "peft"), ("nf4/bnb", "fused_nf4", "bnb_peft"),
-              ("fused/linear", "fused", "linear"))
+              ("fused/linear", "fused", "linear"), ("patched/peft", "peft_patched", "peft"),
+              ("patched/bnb", "bnb_peft_patched", "bnb_peft"))
     for row in out.values():
         for label, num, den in ratios:
             if "_" + num in row and "_" + den in row:
@@ -120,6 +121,8 @@ def summary(rows: Sequence[dict]) -> tuple[list[dict], list[str]]:
             peft, fused = med.get((case, mode, "peft")), med.get((case, mode, "fused"))
             row[f"{tag} peft µs"], row[f"{tag} fused µs"] = peft, fused
             row[f"{tag} fused/peft"] = fused / peft if peft and fused else None
+            patched = med.get((case, mode, "peft_patched"))
+            row[f"{tag} patched/peft"] = patched / peft if peft and patched else None
         bnb, nf4 = med.get((case, "forward", "bnb_peft")), med.get((case, "forward", "fused_nf4"))
         row["fwd nf4/bnb"] = nf4 / bnb if bnb and nf4 else None
         out.append(row)
@@ -156,6 +159,9 @@ def targets(rows: Sequence[dict], device: str) -> list[dict]:
     if device == "cpu":
         return [_check(f"CPU fused {mode} / PEFT LoRA <= 1.05",
                        _ratios(rows, "fused", "peft", mode), 1.05, True, "measured here")
+                for mode in ("forward", "train_step")] + [
+                _check(f"CPU patched PEFT {mode} / PEFT LoRA <= 1.0",
+                       _ratios(rows, "peft_patched", "peft", mode), 1.0, True, "measured here")
                 for mode in ("forward", "train_step")]
     full = lambda r: r.get("tokens") == r.get("target_tokens")
     out = [

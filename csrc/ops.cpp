@@ -3,7 +3,7 @@
 //     y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T
 //
 // with the same semantics as `_torch_forward` / `_torch_backward` in
-// speclora_kernels/ops/autograd.py (x' = keep * x / (1 - p) for the first `drop_rows` rows of
+// speclora_kernels/ops/autograd.py (x' = keep * x / (1 - p) for the first `dropout_rows` rows of
 // D; only the first `grad_rows` rows of D / columns of U get gradient; t = x' @ D.T is
 // returned in the accumulation dtype and saved for backward).
 //
@@ -406,7 +406,7 @@ struct Adapter {
 
 Adapter check_adapter(const Tensor& x, const Base& base, const OptTensor& bias, const Tensor& down,
                       const Tensor& scale, const Tensor& up, const OptTensor& keep, double p,
-                      int64_t drop_rows) {
+                      int64_t dropout_rows) {
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M x in_features), got shape ", x.sizes());
   check_float("down", down);
@@ -426,15 +426,15 @@ Adapter check_adapter(const Tensor& x, const Base& base, const OptTensor& bias, 
                       bias->sizes());
   }
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(drop_rows >= 0 && drop_rows <= R, "drop_rows must be in [0, ", R, "], got ",
-                    drop_rows);
+  TORCH_CHECK_VALUE(dropout_rows >= 0 && dropout_rows <= R, "dropout_rows must be in [0, ", R, "], got ",
+                    dropout_rows);
   if (keep) {
     check_cpu("keep", *keep);
     TORCH_CHECK_VALUE(keep->scalar_type() == at::kBool && keep->sizes() == x.sizes(),
                       "keep must be a bool tensor shaped like x ", x.sizes(), ", got ",
                       keep->scalar_type(), " ", keep->sizes());
   }
-  return {M, K, N, R, keep ? drop_rows : 0};
+  return {M, K, N, R, keep ? dropout_rows : 0};
 }
 
 // t = x' @ D.T, x' = keep * x / (1 - p) on the first rd rows of D (as _torch_forward).
@@ -448,9 +448,9 @@ Tensor down_projection(const Tensor& xa, const Tensor& d, const OptTensor& keep,
 
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const Base& base, const OptTensor& bias,
                                    const Tensor& down, const Tensor& scale, const Tensor& up,
-                                   const OptTensor& keep, double p, int64_t drop_rows,
+                                   const OptTensor& keep, double p, int64_t dropout_rows,
                                    bool save_t) {
-  const Adapter a = check_adapter(x, base, bias, down, scale, up, keep, p, drop_rows);
+  const Adapter a = check_adapter(x, base, bias, down, scale, up, keep, p, dropout_rows);
   const ScalarType acc = acc_dtype(x);
   const Tensor xa = x.to(acc).contiguous();
   const Tensor t = down_projection(xa, down.to(acc), keep, p, a);
@@ -471,9 +471,9 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Base& base, const OptT
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
     const Tensor& dy, const Tensor& x, const Base& base, const Tensor& down, const Tensor& scale,
-    const Tensor& up, const Tensor& t, const OptTensor& keep, double p, int64_t drop_rows,
+    const Tensor& up, const Tensor& t, const OptTensor& keep, double p, int64_t dropout_rows,
     int64_t grad_rows, bool need_dx, bool need_ddown, bool need_dscale, bool need_dup) {
-  const Adapter a = check_adapter(x, base, std::nullopt, down, scale, up, keep, p, drop_rows);
+  const Adapter a = check_adapter(x, base, std::nullopt, down, scale, up, keep, p, dropout_rows);
   const int64_t M = a.M, R = a.R, rd = a.rd, rg = grad_rows;
   check_float("dy", dy);
   TORCH_CHECK_VALUE(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == a.N, "dy must be (", M,
@@ -535,19 +535,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
 // ------------------------------------------------------------------ registered ops
 std::tuple<Tensor, Tensor> dense_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                      const Tensor& down, const Tensor& scale, const Tensor& up,
-                                     const OptTensor& keep, double p, int64_t drop_rows,
+                                     const OptTensor& keep, double p, int64_t dropout_rows,
                                      bool save_t) {
   check_float("x", x);
-  return forward(x, dense_base(x, weight), bias, down, scale, up, keep, p, drop_rows, save_t);
+  return forward(x, dense_base(x, weight), bias, down, scale, up, keep, p, dropout_rows, save_t);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dense_bwd(
     const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& down,
     const Tensor& scale, const Tensor& up, const Tensor& t, const OptTensor& keep, double p,
-    int64_t drop_rows, int64_t grad_rows, bool need_dx, bool need_ddown, bool need_dscale,
+    int64_t dropout_rows, int64_t grad_rows, bool need_dx, bool need_ddown, bool need_dscale,
     bool need_dup) {
   check_float("x", x);
-  return backward(dy, x, dense_base(x, weight), down, scale, up, t, keep, p, drop_rows,
+  return backward(dy, x, dense_base(x, weight), down, scale, up, t, keep, p, dropout_rows,
                   grad_rows, need_dx, need_ddown, need_dscale, need_dup);
 }
 
@@ -557,13 +557,13 @@ std::tuple<Tensor, Tensor> nf4_fwd(const Tensor& x, const Tensor& packed, const 
                                    int64_t nested_blocksize, int64_t out_features,
                                    ScalarType weight_dtype, const OptTensor& bias,
                                    const Tensor& down, const Tensor& scale, const Tensor& up,
-                                   const OptTensor& keep, double p, int64_t drop_rows,
+                                   const OptTensor& keep, double p, int64_t dropout_rows,
                                    bool save_t) {
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M x in_features), got shape ", x.sizes());
   const Base base = nf4_base(x, packed, absmax, absmax2, code2, offset, blocksize,
                              nested_blocksize, out_features, weight_dtype);
-  return forward(x, base, bias, down, scale, up, keep, p, drop_rows, save_t);
+  return forward(x, base, bias, down, scale, up, keep, p, dropout_rows, save_t);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> nf4_bwd(
@@ -571,13 +571,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nf4_bwd(
     const OptTensor& absmax2, const OptTensor& code2, const OptTensor& offset, int64_t blocksize,
     int64_t nested_blocksize, int64_t out_features, ScalarType weight_dtype, const Tensor& down,
     const Tensor& scale, const Tensor& up, const Tensor& t, const OptTensor& keep, double p,
-    int64_t drop_rows, int64_t grad_rows, bool need_dx, bool need_ddown, bool need_dscale,
+    int64_t dropout_rows, int64_t grad_rows, bool need_dx, bool need_ddown, bool need_dscale,
     bool need_dup) {
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M x in_features), got shape ", x.sizes());
   const Base base = nf4_base(x, packed, absmax, absmax2, code2, offset, blocksize,
                              nested_blocksize, out_features, weight_dtype);
-  return backward(dy, x, base, down, scale, up, t, keep, p, drop_rows, grad_rows, need_dx,
+  return backward(dy, x, base, down, scale, up, t, keep, p, dropout_rows, grad_rows, need_dx,
                   need_ddown, need_dscale, need_dup);
 }
 
@@ -587,21 +587,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nf4_bwd(
 TORCH_LIBRARY(speclora_cpu, m) {
   m.def(
       "dense_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor scale, Tensor up, "
-      "Tensor? keep, float dropout_p, int drop_rows, bool save_t) -> (Tensor, Tensor)");
+      "Tensor? keep, float dropout_p, int dropout_rows, bool save_t) -> (Tensor, Tensor)");
   m.def(
       "dense_bwd(Tensor dy, Tensor x, Tensor weight, Tensor down, Tensor scale, Tensor up, "
-      "Tensor t, Tensor? keep, float dropout_p, int drop_rows, int grad_rows, bool need_dx, "
+      "Tensor t, Tensor? keep, float dropout_p, int dropout_rows, int grad_rows, bool need_dx, "
       "bool need_ddown, bool need_dscale, bool need_dup) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "nf4_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, "
       "Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
       "ScalarType weight_dtype, Tensor? bias, Tensor down, Tensor scale, Tensor up, "
-      "Tensor? keep, float dropout_p, int drop_rows, bool save_t) -> (Tensor, Tensor)");
+      "Tensor? keep, float dropout_p, int dropout_rows, bool save_t) -> (Tensor, Tensor)");
   m.def(
       "nf4_bwd(Tensor dy, Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, "
       "Tensor? code2, Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
       "ScalarType weight_dtype, Tensor down, Tensor scale, Tensor up, Tensor t, Tensor? keep, "
-      "float dropout_p, int drop_rows, int grad_rows, bool need_dx, bool need_ddown, "
+      "float dropout_p, int dropout_rows, int grad_rows, bool need_dx, bool need_ddown, "
       "bool need_dscale, bool need_dup) -> (Tensor, Tensor, Tensor, Tensor)");
   // No tensor inputs to dispatch on: registered for every backend.
   m.def("keep_mask(int seed, int rows, int cols, float p) -> Tensor", &speclora_cpu::keep_mask);

@@ -2,23 +2,35 @@
 
 One op serves every method: ``y = x @ W.T + bias + ((x @ D.T) * s) @ U.T``.
 """
-from .integrations import (export_peft_adapter, inject, load_adapter, load_peft_adapter,
-                           merge_and_unload, parameter_summary, save_adapter)
-from .methods import METHODS
+from ._version import __version__
+from .integrations import inject, merge_and_unload, parameter_summary
+from .methods import METHODS, register_method
 from .modules import AdapterLinear
-from .reference import fused_adapter_linear as reference_adapter_linear
-from .serialization import (load_layer_adapter, read_adapter_files, save_layer_adapter,
-                            write_adapter_files)
+from .ops import fused_adapter_linear
+from .persistence import (AdapterFileError, export_peft_adapter, load_adapter, load_checkpoint,
+                          load_layer_adapter, load_peft_adapter, save_adapter, save_checkpoint,
+                          save_layer_adapter)
 
-__version__ = "0.1.0"
 
-__all__ = ["reference_adapter_linear", "__version__", "METHODS", "AdapterLinear",
-           "save_layer_adapter", "load_layer_adapter", "write_adapter_files",
-           "read_adapter_files", "inject", "merge_and_unload", "parameter_summary",
-           "save_adapter", "load_adapter", "export_peft_adapter", "load_peft_adapter"]
-from .serialization import AdapterFileError  # noqa: E402
 
-__all__ += ["AdapterFileError"]
-from .integrations import load_checkpoint, save_checkpoint  # noqa: E402
+def patch_peft(model=None) -> int:
+    """Run PEFT's own LoRA ``Linear`` and bitsandbytes 4-bit LoRA layers on the fused op,
+    for models built before and after the call (``model``: only that model's layers);
+    see :func:`speclora_kernels.peft.patch.patch_peft`. Needs peft >= 0.21."""
+    from .peft.patch import patch_peft as patch
 
-__all__ += ["save_checkpoint", "load_checkpoint"]
+    return patch(model)
+
+
+def unpatch_peft(model=None) -> int:
+    """Undo :func:`patch_peft`."""
+    from .peft.patch import unpatch_peft as unpatch
+
+    return unpatch(model)
+
+
+__all__ = ["AdapterLinear", "patch_peft", "unpatch_peft", "fused_adapter_linear", "inject", "merge_and_unload",
+           "parameter_summary", "save_adapter", "load_adapter", "save_layer_adapter",
+           "load_layer_adapter", "save_checkpoint", "load_checkpoint", "export_peft_adapter",
+           "load_peft_adapter", "AdapterFileError", "METHODS", "register_method",
+           "__version__"]

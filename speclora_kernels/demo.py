@@ -121,12 +121,16 @@ MODELS = {"llama": (llama_model, ProgressionTask, 1e-2, 300),
 
 # ---------------------------------------------------------------- steps
 def method_options(method: str, r: int, k: int, dropout: float) -> dict:
-    """Keyword arguments of ``inject`` that ``method`` takes."""
-    opts = {"r": r}
-    if method in ("lora", "speclora"):
-        opts.update(alpha=2 * r, dropout=dropout)
-    if method == "speclora":
-        opts["k"] = k
+    """Keyword arguments of ``inject`` for ``method``, from its option declaration: the
+    demo's values of the options it declares (``r``, ``k``, ``alpha = 2r``; the others keep
+    their defaults), and ``dropout`` if it has a dropout path."""
+    from .methods import get_method
+
+    cls = get_method(method)
+    values = {"r": r, "k": k, "alpha": 2 * r}
+    opts = {name: values[name] for name in cls.option_names() if name in values}
+    if cls.takes_dropout:
+        opts["dropout"] = dropout
     return opts
 
 
@@ -172,8 +176,9 @@ def train(model, task, steps: int, lr: float):
 def run(kind="llama", method="speclora", steps=None, r=8, k=16, dropout=0.0, quantize=True,
         seed=0, out=None, lr=None) -> dict:
     """The whole demo; returns the numbers it printed (for tests)."""
-    from . import METHODS
-    from .integrations import count_parameters, inject, load_adapter, save_adapter
+    from .integrations import count_parameters, inject
+    from .methods import METHODS
+    from .persistence import load_adapter, save_adapter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = "fused Triton kernels" if device == "cuda" else "the op's PyTorch CPU path"
@@ -184,7 +189,7 @@ def run(kind="llama", method="speclora", steps=None, r=8, k=16, dropout=0.0, qua
     model = build(kind, seed, device, quantize)
     pristine = copy.deepcopy(model)  # for the per-method parameter counts
     task = MODELS[kind][1](device, seed=seed + 1)
-    inject(model, method, "all-linear", **method_options(method, r, k, dropout))
+    inject(model, method, "all-linear", verbose=True, **method_options(method, r, k, dropout))
     held_out = task.batch(32)
     model.eval()
     with torch.no_grad():
@@ -212,7 +217,7 @@ def run(kind="llama", method="speclora", steps=None, r=8, k=16, dropout=0.0, qua
     counts = {}
     for name in sorted(METHODS):
         candidate = copy.deepcopy(pristine)
-        inject(candidate, name, "all-linear", **method_options(name, r, k, 0.0), verbose=False)
+        inject(candidate, name, "all-linear", **method_options(name, r, k, 0.0))
         counts[name] = count_parameters(candidate)[0]
     total = count_parameters(model)[1]
     print(f"trainable parameters on this model ({total:,} parameters, r={r}, k={k}):")
@@ -245,7 +250,7 @@ def main(argv=None):
                         help="CPU threads (default 1: the models are tiny, more threads only "
                              "add synchronisation)")
     args = parser.parse_args(argv)
-    from . import METHODS
+    from .methods import METHODS
 
     if args.method not in METHODS:
         parser.error(f"--method must be one of {sorted(METHODS)}")
@@ -253,7 +258,7 @@ def main(argv=None):
         parser.error("--steps must be >= 1")
     torch.set_num_threads(args.threads)
     result = run(args.model, args.method, args.steps, args.r, args.k,
-                 args.dropout if args.method in ("lora", "speclora") else 0.0, args.quantize,
+                 args.dropout if METHODS[args.method].takes_dropout else 0.0, args.quantize,
                  args.seed, args.out, args.lr)
     return 0 if result["reload_exact"] else 1
 

@@ -1,7 +1,10 @@
-"""Test setup: without a GPU, Triton kernels run in the interpreter on CPU tensors.
+"""Test setup and the helpers the test files share.
 
-TRITON_INTERPRET must be set before triton is first imported, hence here, at the top.
+Without a GPU, Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET must
+be set before triton is first imported, hence here, at the top. With a GPU the op tests run
+the compiled kernels on it (``device``), bf16 included.
 """
+import contextlib
 import os
 
 import torch
@@ -12,11 +15,21 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+
+OP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Activation dtypes of the op tests: the interpreter's bf16 tl.dot multiplies raw bits
+# (triton#11584), so bf16 runs on a GPU only (the compile report covers it here).
+OP_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if OP_DEVICE == "cuda" else [])
+# Relative error against float64, per activation dtype.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture
 def device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the op tests run the kernels: the GPU when there is one, else the CPU (the
+    Triton interpreter)."""
+    return OP_DEVICE
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +38,26 @@ def _seed():
 
 
 @pytest.fixture
-def torch_cpu_path(monkeypatch):
-    """Run the op's PyTorch path for CPU tensors even under the interpreter.
+def poison_outputs():
+    """Every buffer the kernels' launchers allocate starts as NaN, so an element a kernel
+    fails to write cannot pass."""
+    from speclora_kernels.ops import recipe
+
+    with recipe.filled_outputs(float("nan")):
+        yield
+
+
+@pytest.fixture
+def torch_cpu_path():
+    """Run the op's CPU backend for CPU tensors even under the interpreter.
 
     Model-level tests (whole transformers models, training loops) would take minutes in
     the interpreter; the kernels themselves are proven in tests/test_ops*.py.
     """
     from speclora_kernels.ops import autograd
 
-    use_triton = autograd._use_triton
-    monkeypatch.setattr(autograd, "_use_triton",
-                        lambda x, *a, **k: x.is_cuda and use_triton(x, *a, **k))
+    with autograd.cpu_path():
+        yield
 
 
 @pytest.fixture
@@ -46,3 +68,50 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def rel_err(got, want) -> float:
+    """Max-norm relative error of ``got`` against ``want``; fails on a non-finite ``got``
+    (an unwritten, NaN-poisoned element)."""
+    assert torch.isfinite(got).all(), "non-finite values (an unwritten poisoned element?)"
+    got, want = got.double(), want.double().to(got.device)
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def kernel_launches():
+    """Names of the kernels launched in the block, compiled or interpreted (filled in when
+    the block ends)."""
+    from speclora_kernels.ops import tuning
+
+    names = []
+    with tuning.record_launches() as launches:
+        yield names
+    names.extend(kernel.name for kernel, _ in launches)
+
+
+def narrow_configs(configs, out):
+    """Configs with 64-wide output tiles (``out``: BLOCK_N forward, BLOCK_K dx), at 8 warps
+    as the segmented kernels require (warps mean nothing to the interpreter)."""
+    return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
+            if c.kwargs[out] == 64]
+
+
+@contextlib.contextmanager
+def forced_path(path, segments=2):
+    """Every launch takes the fused, split, segmented or (decode forward) split-K path (None:
+    the launcher's choice; split-K: 2 slices of K, 32-wide column tiles).
+
+    "segmented": the one-launch large-M forward and dx at a small shape, ``segments``
+    segments of 64-wide output column tiles (the interpreter would otherwise take one tile
+    as wide as the output), so that outputs wider than 64 give segments of several tiles."""
+    from speclora_kernels.ops import plan, tuning
+
+    with contextlib.ExitStack() as stack:
+        if path is not None:
+            stack.enter_context(plan.forced_plan(path, segments))
+        if path == "segmented":
+            stack.enter_context(tuning.restricted_configs({
+                tuning.FWD: narrow_configs(tuning.FWD.configs, "BLOCK_N"),
+                tuning.DX: narrow_configs(tuning.DX.configs, "BLOCK_K")}))
+        yield

@@ -9,11 +9,20 @@ from _tiny_models import logits, options, perturb, tiny_llama, token_ids  # noqa
 from safetensors.torch import load_file, save_file
 
 from speclora_kernels import METHODS, AdapterFileError, AdapterLinear
-from speclora_kernels.integrations import adapter_layers, inject, load_adapter, save_adapter
-from speclora_kernels.serialization import encode_adapter, tensor_table
+from speclora_kernels.integrations import adapter_layers, inject
+from speclora_kernels.persistence import load_adapter, save_adapter
+from speclora_kernels.persistence.container import (CONFIG_KEY, TensorFile, encode_container,
+                                                    tensor_table)
+from speclora_kernels.persistence.peft_methods import peft_key
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 ALL = sorted(METHODS)
+
+
+def embedded(directory) -> dict:
+    """Our config, committed inside the safetensors metadata (adapter_config.json is PEFT's)."""
+    with TensorFile(directory / "adapter_model.safetensors") as file:
+        return json.loads(file.metadata[CONFIG_KEY])
 
 
 def trained(method, targets="all-linear", seed=0):
@@ -39,13 +48,19 @@ def test_save_load_fresh_model_bit_exact(method, tmp_path):
         for key, t in layer.adapter.state_dict(keep_vars=True).items():
             if id(t) not in seen:
                 seen.add(id(t))
-                expected[f"{name}.{key}"] = t
+                expected[peft_key(name, method, key)] = t
     assert set(saved) == set(expected)
     assert all(torch.equal(saved[k], v) for k, v in expected.items())
     if method == "pica":
         assert sum(k.endswith(".M") for k in saved) == 7  # 7 target names, 2 layers each
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = embedded(tmp_path)
     assert config["format"] == "speclora_kernels.adapter" and len(config["layers"]) == 14
+    assert config["format_version"] == 2
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config == config["peft_config"]
+    assert peft_config["peft_type"] == {"lora": "LORA", "speclora": "SPECLORA_KERNELS_SPECLORA",
+                                        "pica": "SPECLORA_KERNELS_PICA"}.get(
+                                            method, "SPECLORA_KERNELS_SPECTRAL")
 
     fresh = tiny_llama()
     assert load_adapter(fresh, tmp_path) is fresh
@@ -108,14 +123,16 @@ def test_mismatches_raise_and_leave_model_unchanged(tmp_path):
 def rewrite(directory, edit=None, tensors_edit=None):
     """Re-encode a saved adapter with an edited config / tensors, checksum and all: what a
     hostile or buggy writer could produce, past the integrity checks."""
-    config = json.loads((directory / "adapter_config.json").read_text())
+    config = embedded(directory)
     tensors = load_file(directory / "adapter_model.safetensors")
     if edit:
         edit(config)
     if tensors_edit:
         tensors_edit(tensors)
         config["tensors"] = tensor_table(tensors)
-    blob, body = encode_adapter(tensors, config)
+    blob, body = encode_container(tensors, config)
+    if isinstance(config.get("peft_config"), dict):
+        body = json.dumps(config["peft_config"], indent=2, sort_keys=True).encode()
     (directory / "adapter_model.safetensors").write_bytes(blob)
     (directory / "adapter_config.json").write_bytes(body)
 
@@ -124,9 +141,11 @@ def test_corrupt_files_are_rejected(tmp_path):
     model = trained("lora", ["q_proj"])
     save_adapter(model, tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    name = "model.layers.0.self_attn.q_proj.A"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    # Without our metadata it is a PEFT LoRA directory, checked as such.
     save_file({**tensors, name: tensors[name][:2].contiguous()}, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(AdapterFileError, match="no embedded speclora_kernels.adapter config"):
+    with pytest.raises(AdapterFileError, match=r"q_proj: lora_A \(2, 64\) / lora_B \(64, 4\) do "
+                                               r"not fit rank 4"):
         load_adapter(tiny_llama(), tmp_path)
     save_adapter(model, tmp_path)
     rewrite(tmp_path, tensors_edit=lambda t: t.update({name: t[name][:2].contiguous()}))
@@ -134,18 +153,37 @@ def test_corrupt_files_are_rejected(tmp_path):
                                                rf"expected torch.float32 \[4, 64\] \(from the "
                                                rf"layers in its config\)"):
         load_adapter(tiny_llama(), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "format": "other"}))
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="neither a speclora_kernels adapter nor a PEFT one"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["lora", "speclora", "pica"])
+def test_files_written_before_svd_was_saved_load(method, tmp_path):
+    """Earlier files carry ``svd: null`` on every layer, lora's too (the solver was not
+    recorded when it was the default); they load, with svd's default."""
+    ids = token_ids()
+    model = trained(method, ["q_proj", "v_proj"])
+    want = logits(model, ids)
+    save_adapter(model, tmp_path)
+    config = embedded(tmp_path)
+    assert all(("svd" in e) == (method != "lora") for e in config["layers"].values())
+    rewrite(tmp_path, lambda c: [e.update(svd=None) for e in c["layers"].values()])
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(logits(fresh, ids), want)
+    if method != "lora":
+        assert {layer.adapter.svd for layer in adapter_layers(fresh).values()} == {"auto"}
 
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(format_version=2), "format_version=2 must be an int in"),
-    (lambda c: c.update(format="safetensors"), "neither a speclora_kernels adapter nor a PEFT"),
+    (lambda c: c.update(format_version=3), "format_version=3 must be an int in"),
+    (lambda c: c.update(format="safetensors"), "format='safetensors' must be "
+                                               "'speclora_kernels.adapter'"),
     (lambda c: c["layers"][LAYER].update(method="dora"), "method='dora' must be a registered"),
     (lambda c: c["layers"][LAYER].update(base_fingerprint="x" * 64), "base_fingerprint='xxx"),
     (lambda c: c["layers"][LAYER].update(k=3), r"not its own \['k'\]"),
@@ -219,7 +257,7 @@ def test_nf4_round_trip_bit_exact(tmp_path):
     perturb(model)
     want = logits(model, ids)
     save_adapter(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = embedded(tmp_path)
     assert {e["source"] for e in config["layers"].values()} == {"Linear4bit"}
     fresh = load_adapter(quantize_nf4(tiny_llama()), tmp_path)
     assert all(isinstance(m, AdapterLinear) for m in adapter_layers(fresh).values())

@@ -63,7 +63,9 @@ def test_run_smoke_writes_every_contender(tmp_path, single_thread):
     assert (tmp_path / "speedup_train_step.png").stat().st_size > 0
     assert (tmp_path / "memory_train_step.png").stat().st_size > 0
     assert "| fused/peft |" in (tmp_path / "table.md").read_text()
-    assert [t["scope"] for t in doc["targets"]] == ["measured here"] * 2
+    assert [t["scope"] for t in doc["targets"]] == ["measured here"] * 4
+    assert rows["peft_patched"]["speedup"] == pytest.approx(rows["peft"]["median_s"]
+                                                            / rows["peft_patched"]["median_s"])
 
 
 def test_mode_callables_step_the_optimizer(single_thread):
@@ -214,7 +216,29 @@ def test_counted_rows_match_floors_and_extrapolate_exactly():
     assert fused["bytes_requested"] >= fused["unique_bytes"]
     assert peft["launches"] == 5 and peft["method"] == "op sequence"
     assert fused["pred_speedup_vs_peft"] == pytest.approx(peft["pred_us"] / fused["pred_us"])
+    # the GPU model never predicts faster than bandwidth alone (it only adds ceilings)
+    assert fused["pred_us"] >= fused["pred_us_bandwidth_only"] > 0
     got = count_extrapolated(shape, 16, 24, "forward", False, (256, 512, 768), (512, 1024, 1536))
     real = count_once(shape, 16, 1024, 24, "forward", False)
     assert "not extrapolated" not in got["counted_k"], got["counted_k"]
     assert got["per_kernel"] == real and got["k_in"] == 1024
+
+
+def test_model_launches_charge_nf4_decode_to_the_decoding_kernel():
+    from benchmarks.counted import model_launches
+
+    def k(programs, launches=1):
+        return dict(launches=launches, programs=programs * launches, load_bytes=300,
+                    store_bytes=100, unique_load_bytes=200, unique_store_bytes=100,
+                    dot_flops=10)
+
+    # a call with a dequantize launch: it decodes W, the GEMM after it reads dense tiles
+    got = model_launches({"dequant_kernel": k(64), "fwd_kernel": k(128)}, True, 32, 16)
+    assert [(l.name, l.programs, l.decoded) for l in got] == [
+        ("dequant_kernel", 64, 512), ("fwd_kernel", 128, 0.0)]
+    assert got[0].dram_bytes == 300 and got[0].l2_bytes == 100
+    # in-register decode: the GEMM kernel decodes; a dense base decodes nothing
+    assert model_launches({"fwd_splitk_kernel": k(400)}, True, 32, 16)[0].decoded == 512
+    twice = model_launches({"proj_kernel": k(4, 2)}, False, 32, 16)  # per launch: half each
+    assert [(l.programs, l.dram_bytes, l.l2_bytes, l.decoded) for l in twice] == \
+        [(4, 150, 50, 0.0)] * 2

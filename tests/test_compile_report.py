@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-KERNELS = {"_fwd_kernel", "_proj_kernel", "_dx_kernel", "_factor_grad_kernel"}
+KERNELS = {"fwd_kernel", "proj_kernel", "dx_kernel", "factor_grad_kernel"}
 
 
 def test_compile_report_quick(tmp_path):
@@ -36,14 +36,14 @@ def test_compile_report_quick(tmp_path):
         assert r["spills"] == 0 and 0 < r["regs"] <= 255, r
         assert 0 < r["smem"] <= r["smem_limit"], r
         assert r["mma"] in ("HMMA", "HGMMA"), r  # every kernel runs on tensor cores
-    big_tiles = [r for r in compiled if r["arch"] == 90 and r["kernel"] in ("_fwd_kernel",
-                 "_dx_kernel") and int(r["config"].split("x")[0]) >= 64]
+    big_tiles = [r for r in compiled if r["arch"] == 90 and r["kernel"] in ("fwd_kernel",
+                 "dx_kernel") and int(r["config"].split("x")[0]) >= 64]
     assert big_tiles and all(r["mma"] == "HGMMA" for r in big_tiles)
     assert "failed" in proc.stdout and "0 failed" in proc.stdout
     # the segmented forward and dx (large M, one launch each) are among them, HGMMA above
     segmented = {(r["kernel"], r["arch"]) for r in compiled if "segmented" in r["variant"]}
-    assert segmented == {(k, a) for k in ("_fwd_kernel", "_dx_kernel") for a in (80, 90)}
+    assert segmented == {(k, a) for k in ("fwd_kernel", "dx_kernel") for a in (80, 90)}
     nf4 = {(r["kernel"], r["arch"], "nf4_rows" in r["variant"]) for r in compiled
            if "nf4" in r["variant"]}
-    assert nf4 == {(k, a, rows) for k in ("_fwd_kernel", "_dx_kernel") for a in (80, 90)
+    assert nf4 == {(k, a, rows) for k in ("fwd_kernel", "dx_kernel") for a in (80, 90)
                    for rows in (True, False)}

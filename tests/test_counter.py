@@ -221,7 +221,7 @@ def test_backward_floor_by_hand():
 
 
 def test_nf4_weight_bytes_matches_design():
-    # DESIGN.md section 4: NF4 4096x4096 ~ 8.7 MB; packed codes + uint8 absmax + absmax2 + code map + offset
+    # NF4 4096x4096 ~ 8.7 MB: packed codes + uint8 absmax + absmax2 + code map + offset
     assert nf4_weight_bytes(4096, 4096) == 8_388_608 + 262_144 + 4 * 1024 + 1024 + 4
     assert nf4_weight_bytes(4096, 4096, double_quant=False) == 8_388_608 + 4 * 262_144
 
@@ -269,7 +269,7 @@ def test_peft_ops_match_peft_forward():
 
 
 def test_predict_h100():
-    p = predict_h100(33_554_432, 0, 1, launch_overhead=0.0)  # bf16 4096x4096 read once: ~11 us (DESIGN.md)
+    p = predict_h100(33_554_432, 0, 1, launch_overhead=0.0)  # bf16 4096x4096 read once: ~11 us
     assert p.bound == "memory" and math.isclose(p.seconds, 33_554_432 / 3.0e12)
     q = predict_h100(0, 8e12, 3, launch_overhead=1e-6)
     assert q.bound == "compute" and math.isclose(q.seconds, 0.01 + 3e-6) and "predicted" in str(q)
@@ -299,27 +299,24 @@ def test_address_space_merges_reused_ranges():
     assert space.unique(key) == 8 + 2 + 4
 
 
-def test_segmented_forward_counts_exact(monkeypatch):
+def test_segmented_forward_counts_exact():
     """The op's one-launch large-M forward, forced at a small shape (2 segments of 64-wide
     column tiles, 64-row blocks): unique bytes exactly at the floor (x, W, D, s, U read once,
     y written once, no t round trip), FLOPs the floor's products plus the down-projection
     once per segment (R padded to the 16-wide dot)."""
-    from speclora_kernels.ops import fused_linear as fl
+    from conftest import forced_path
+    from speclora_kernels.ops import launch
 
     m, in_f, out_f, r, segments = 128, 64, 320, 12, 2
     x, w = torch.randn(m, in_f), torch.randn(out_f, in_f) / 8
     d, s, u = torch.randn(r, in_f) / 8, torch.rand(r) + 0.5, torch.randn(out_f, r)
-    monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
-    monkeypatch.setattr(fl.FWD, "configs",  # 64-wide tiles at the 8 warps segments need
-                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
-                         for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
-    with fl.pinned_segments(segments), count_triton() as c:
-        y, _ = fl.adapter_forward(x, w, None, d, s, u, 0, 0.0, 0, False)
+    with forced_path("segmented", segments), count_triton() as c:
+        y, _ = launch.adapter_forward(x, w, None, d, s, u, 0, 0.0, 0, False)
     ref = x.double() @ w.double().T + ((x.double() @ d.double().T) * s.double()) @ u.double().T
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
     k = c.total()
     floor = forward_floor(m, in_f, out_f, r, dtype=torch.float32, bias=False)
-    assert list(c.per_kernel()) == ["_fwd_kernel"] and k.launches == 1
+    assert list(c.per_kernel()) == ["fwd_kernel"] and k.launches == 1
     assert k.programs == (m // 64) * segments
     assert k.unique_bytes == floor.bytes
     block_r = 16

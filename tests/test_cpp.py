@@ -14,9 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from speclora_kernels import cpu, reference
+from speclora_kernels import cpu
+from speclora_kernels.ops import reference_adapter_linear
 from speclora_kernels.methods import METHODS
-from speclora_kernels.ops.dropout import dropout_keep_mask
+from speclora_kernels.dropout import dropout_keep_mask
 from speclora_kernels.quant import NF4Weight
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -90,7 +91,7 @@ def _check_against_reference(x, base, bias, down, scale, up, p, rd, rg, tol):
 
     dense = base.dequantize() if isinstance(base, NF4Weight) else base
     x64, d64, s64, u64 = (v.detach().double().requires_grad_() for v in (x, down, scale, up))
-    y64 = reference.fused_adapter_linear(
+    y64 = reference_adapter_linear(
         x64, dense.double(), None if bias is None else bias.double(), d64, s64, u64,
         dropout_p=p, dropout_rows=rd, grad_rows=rg,
         mask=keep, training=keep is not None)
@@ -235,8 +236,8 @@ def test_op_cpu_calls_run_the_cpp_backend(monkeypatch, torch_cpu_path, nf4):
     y.backward(dy)
     leaves = [v.detach().double().requires_grad_() for v in (x, d, s, u)]
     mask = dropout_keep_mask(seed, (M, K), p)
-    y64 = reference.fused_adapter_linear(leaves[0], dense.double(), b.double(), *leaves[1:],
-                                         dropout_p=p, dropout_rows=rd, grad_rows=rg, mask=mask)
+    y64 = reference_adapter_linear(leaves[0], dense.double(), b.double(), *leaves[1:],
+                                   dropout_p=p, dropout_rows=rd, grad_rows=rg, mask=mask)
     y64.backward(dy.double())
     _close(y, y64, 1e-5, "y")
     for v, v64, what in zip((x, d, s, u), leaves, ("dx", "d_down", "d_scale", "d_up")):
@@ -281,14 +282,15 @@ def test_failed_build_warns_one_line_and_falls_back(monkeypatch, tmp_path):
     x, w = torch.randn(2, 16), torch.randn(3, 16)
     d, s, u = torch.randn(1, 16), torch.ones(1), torch.randn(3, 1)
     torch.testing.assert_close(cpu.adapter_forward(x, w, None, d, s, u)[0],
-                               reference.fused_adapter_linear(x, w, None, d, s, u))
+                               reference_adapter_linear(x, w, None, d, s, u))
 
 
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
     """A fresh process with no compiler and an empty cache: one warning line, correct results."""
     code = textwrap.dedent("""
         import warnings, torch
-        from speclora_kernels import cpu, reference
+        from speclora_kernels import cpu
+        from speclora_kernels.ops import reference_adapter_linear
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ok = [cpu.load(), cpu.is_available(), cpu.load()]
@@ -298,7 +300,7 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
         x, w, b = torch.randn(4, 16), torch.randn(6, 16), torch.randn(6)
         d, s, u = torch.randn(2, 16), torch.randn(2), torch.randn(6, 2)
         y, t = cpu.adapter_forward(x, w, b, d, s, u)
-        torch.testing.assert_close(y, reference.fused_adapter_linear(x, w, b, d, s, u))
+        torch.testing.assert_close(y, reference_adapter_linear(x, w, b, d, s, u))
         dx, dd, ds, du = cpu.adapter_backward(torch.ones(4, 6), x, w, d, s, u, t)
         assert dx.shape == x.shape and dd.shape == d.shape
         print("fallback ok")

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 
 
 def expected_counts(linear: list[tuple[int, int, str]], r: int, k: int) -> dict[str, int]:
-    """Trainable parameters per method from DESIGN.md §1, for (in, out, name) layers."""
+    """Trainable parameters per method from the README's "Methods" table (its trainable
+    column), for (in, out, name) layers."""
     pica_groups = {(name, out) for _, out, name in linear}
     return {
         "lora": sum(r * (i + o) for i, o, _ in linear),

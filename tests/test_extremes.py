@@ -20,10 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speclora_kernels import cpu, reference
-from speclora_kernels.ops import fused_adapter_linear
-from speclora_kernels.ops import autograd as op_autograd
-from speclora_kernels.ops import fused_linear as fl
+from speclora_kernels import cpu
+from speclora_kernels.ops import autograd, fused_adapter_linear, reference_adapter_linear
 
 PATHS = [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.float32),
          ("torch", torch.float16), ("torch", torch.bfloat16), ("cpp", torch.float32),
@@ -34,12 +32,9 @@ GRADS = ("x", "down", "scale", "up")
 M, N, K, R = 5, 7, 12, 3
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer a Triton kernel writes starts as NaN (so NaN checks mean something,
-    the tests below also compare every non-NaN position)."""
-    monkeypatch.setattr(fl, "_empty", lambda shape, dtype, device: torch.full(
-        shape, float("nan"), dtype=dtype, device=device))
+# Every buffer a Triton kernel writes starts as NaN (so NaN checks mean something, the
+# tests below also compare every non-NaN position).
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _inputs(dtype, seed=0):
@@ -63,11 +58,7 @@ def _run(path, t, dy):
         return y, dict(zip(GRADS, grads))
     leaves = {k: (v.detach().requires_grad_(k in GRADS) if v is not None else None)
               for k, v in t.items()}
-    use = op_autograd._use_triton
-    with contextlib.ExitStack() as stack:
-        if path == "torch":
-            op_autograd._use_triton = lambda *a, **k: False
-            stack.callback(setattr, op_autograd, "_use_triton", use)
+    with autograd.cpu_path() if path == "torch" else contextlib.nullcontext():
         y = fused_adapter_linear(leaves["x"], leaves["weight"], leaves["bias"],
                                  leaves["down"], leaves["scale"], leaves["up"])
         grads = torch.autograd.grad(y, [leaves[k] for k in GRADS], dy.to(y.dtype))
@@ -79,8 +70,8 @@ def _reference(t, dy, size=False):
                v.detach().double()) for k, v in t.items()}
     for k in GRADS:
         ref[k].requires_grad_()
-    y = reference.fused_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
-                                       ref["scale"], ref["up"])
+    y = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                 ref["scale"], ref["up"])
     grads = torch.autograd.grad(y, [ref[k] for k in GRADS], dy.abs() if size else dy)
     return y.detach(), dict(zip(GRADS, grads))
 

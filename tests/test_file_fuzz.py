@@ -20,11 +20,13 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from speclora_kernels import AdapterFileError, load_layer_adapter
-from speclora_kernels.integrations import (adapter_layers, export_peft_adapter, inject,
-                                           load_adapter, load_peft_adapter, save_adapter)
+from speclora_kernels.integrations import adapter_layers, inject
 from speclora_kernels.modules import AdapterLinear
-from speclora_kernels.serialization import (CONFIG_KEY, SHA_KEY, _digest, canonical_header,
-                                            save_layer_adapter, tensor_table)
+from speclora_kernels.persistence import (export_peft_adapter, load_adapter, load_peft_adapter,
+                                          save_adapter, save_layer_adapter)
+from speclora_kernels.persistence.container import (CONFIG_KEY, SHA_KEY, canonical_header,
+                                                    config_digest, tensor_table)
+from speclora_kernels.persistence.peft_methods import peft_key
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -74,7 +76,7 @@ def forge(blob: bytes, config_text: str) -> bytes:
     header, data = split(blob)
     header["__metadata__"][CONFIG_KEY] = config_text
     try:
-        header["__metadata__"][SHA_KEY] = _digest(config_text, data)
+        header["__metadata__"][SHA_KEY] = config_digest(config_text, data)
     except UnicodeEncodeError:
         pass
     return join(header, data)
@@ -199,7 +201,7 @@ def config_mutations(blob: bytes, layer_name: str):
     for key in ["method", "r", "rank", "alpha", "k", "in_features", "dropout", "base_fingerprint"]:
         yield f"missing {key}", edited(lambda c: c["layers"][layer_name].pop(key))
     for key, values in {"format": ["speclora_kernels.adapter2", None], "format_version":
-                        [0, 2, "1", 1.0, None, True], "library_version": [5, ""],
+                        [0, 3, "1", 2.0, None, True], "library_version": [5, ""],
                         "layers": [[], {}, None], "tensors": [[], None]}.items():
         for value in values:
             yield f"top {key}={value!r}", edited(lambda c: c.update({key: value}))
@@ -207,7 +209,7 @@ def config_mutations(blob: bytes, layer_name: str):
     yield "extra layer", edited(lambda c: c["layers"].update({"k_proj": layer}))
     yield "missing layer", edited(lambda c: c["layers"].pop(layer_name))
     yield "layer not a dict", edited(lambda c: c["layers"].update({layer_name: [1]}))
-    tname = f"{layer_name}.A"
+    tname = peft_key(layer_name, "speclora", "A")
     yield "table extra tensor", edited(lambda c: c["tensors"].update(
         {"x": {"shape": [1], "dtype": "float32"}}))
     yield "table missing tensor", edited(lambda c: c["tensors"].pop(tname))
@@ -228,7 +230,7 @@ def config_mutations(blob: bytes, layer_name: str):
         plain = save_bytes(t)
         payload = plain[8 + int.from_bytes(plain[:8], "little"):]
         yield label, save_bytes(t, metadata={"format": "pt", CONFIG_KEY: ctext,
-                                              SHA_KEY: _digest(ctext, payload)})
+                                              SHA_KEY: config_digest(ctext, payload)})
 
 
 def json_copy_mutations(body: bytes, rng: random.Random):
@@ -239,9 +241,10 @@ def json_copy_mutations(body: bytes, rng: random.Random):
         flipped = bytearray(body)
         flipped[rng.randrange(len(body))] ^= 1 << rng.randrange(8)
         yield "json flip", bytes(flipped)
-    yield "json non-UTF8", body.replace(b"speclora", b"spec\xfflora", 1)
-    yield "json NaN", body.replace(b'"alpha": 4.0', b'"alpha": NaN', 1)
-    yield "json duplicate", body.replace(b'"alpha": 4.0', b'"alpha": 4.0, "alpha": 9.0', 1)
+    yield "json non-UTF8", body.replace(b"peft_type", b"peft\xfftype", 1)
+    yield "json NaN", body.replace(b'"lora_alpha": 4.0', b'"lora_alpha": NaN', 1)
+    yield "json duplicate", body.replace(b'"lora_alpha": 4.0', b'"lora_alpha": 4.0, '
+                                         b'"lora_alpha": 9.0', 1)
     yield "json edited r", body.replace(b'"r": 2', b'"r": 3', 1)
     yield "json huge", body + b" " * (17 << 20)
     yield "json peft_type", body.replace(b"{", b'{"peft_type": "LORA", ', 1)
@@ -287,6 +290,7 @@ def test_fuzz_model_adapter(tmp_path, capsys):
                 failures.append(f"{family}: {label} loaded")
     (tmp_path / WEIGHTS).write_bytes(blob)
     for label, bad in json_copy_mutations(body, rng):
+        assert bad != body, label
         (tmp_path / CONFIG).write_bytes(bad)
         outcome, loaded, caught = _load_ours(tmp_path)
         tally.add(f"json {outcome}")
@@ -368,8 +372,8 @@ def test_fuzz_peft_adapter(tmp_path, capsys):
 def test_fuzz_trainer_state(tmp_path, capsys):
     """save_checkpoint's trainer_state.safetensors (optimizer + RNG states, checksummed):
     every corruption is refused before the model, the optimizer or the RNG change."""
-    from speclora_kernels.integrations import load_checkpoint, save_checkpoint
-    from speclora_kernels.integrations.checkpoint import STATE_NAME
+    from speclora_kernels.persistence import load_checkpoint, save_checkpoint
+    from speclora_kernels.persistence.checkpoint import STATE_NAME
 
     import numpy as np
 

@@ -112,17 +112,20 @@ def test_pica_shares_one_M_per_target_name():
 
 
 def test_progress_bar_and_summary(capsys):
+    inject(tiny_llama(), "speclora", ["q_proj", "down_proj"], r=4, k=4)
+    assert capsys.readouterr() == ("", "")  # silent unless verbose=True
     model = tiny_llama()
     total = sum(p.numel() for p in model.parameters())
-    inject(model, "speclora", ["q_proj", "down_proj"], r=4, k=4)
+    inject(model, "speclora", ["q_proj", "down_proj"], r=4, k=4, verbose=True)
     out, err = capsys.readouterr()
     # A: r x in, B: out x r, m: k per layer; q_proj 64->64, down_proj 128->64.
     expected = 2 * (4 * (64 + 64) + 4) + 2 * (4 * (128 + 64) + 4)
     assert f"trainable params: {expected:,} || all params: {total + expected:,}" in out
     assert "SVD + inject (4 layers)" in err and "4/4" in err
     assert parameter_summary(model) in out
-    inject(tiny_llama(), "lora", ["q_proj"], r=2)
-    assert "SVD" not in capsys.readouterr().err  # LoRA computes no SVD
+    inject(tiny_llama(), "lora", ["q_proj"], r=2, verbose=True)
+    out, err = capsys.readouterr()
+    assert "SVD" not in err and "trainable params" in out  # LoRA computes no SVD
 
 
 def test_second_inject_keeps_first_adapters_trainable():
@@ -150,7 +153,8 @@ def test_bad_options_leave_model_unchanged():
 
 
 def delta64(method, layer, w0):
-    """The adapted weight in float64 from the method's parameters (DESIGN.md §1)."""
+    """The adapted weight in float64 from the method's parameters (the README's "Methods"
+    table)."""
     a = layer.adapter
     if method == "lora":
         return w0.double() + a.alpha / a.r * a.B.double() @ a.A.double()

@@ -21,15 +21,18 @@ import triton
 import triton.language as tl
 
 from _bounds import checked_memory
-from speclora_kernels import cpu, reference
-from speclora_kernels.ops import fused_adapter_linear
-from speclora_kernels.ops import fused_linear as fl
+from conftest import forced_path
+from speclora_kernels import cpu
+from speclora_kernels.ops import fused_adapter_linear, reference_adapter_linear
 from speclora_kernels.quant.nf4 import NF4_VALUES
 from speclora_kernels.quant.triton_nf4 import nf4_dequant_rows, nf4_dequant_span
 
 BIG = 2 ** 30   # fits int32; index 2 along a dimension with this stride is 2**31
 DTYPE = torch.float16
 M, N, K, R = 3, 5, 6, 3
+
+pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
+                                reason="the bounds guard checks the interpreter's accesses")
 
 
 def huge_view(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -76,8 +79,8 @@ def _check_op(t, run):
     ref = {k: v.detach().double() for k, v in t.items()}
     for k in ("x", "down", "scale", "up"):
         ref[k].requires_grad_()
-    y_ref = reference.fused_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
-                                           ref["scale"], ref["up"])
+    y_ref = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                     ref["scale"], ref["up"])
     g_ref = torch.autograd.grad(y_ref, [ref[k] for k in ("x", "down", "scale", "up")],
                                 ref["dy"])
     y, grads = run(t)
@@ -102,13 +105,12 @@ CASES = [("x", 0), ("x", 1), ("weight", 0), ("weight", 1), ("dy", 0), ("dy", 1),
 
 @pytest.mark.parametrize("path", ["fused", "split", "segmented"])
 @pytest.mark.parametrize("name,dim", CASES, ids=[f"{n}-dim{d}" for n, d in CASES])
-def test_triton_offsets_past_2_31(name, dim, path, monkeypatch):
+def test_triton_offsets_past_2_31(name, dim, path):
     """Forward and every gradient with one argument's elements spread past 2**31, on each
-    of the launcher's paths (segmented: the large-M one-launch kernels, pinned)."""
-    monkeypatch.setattr(fl, "use_fused_path", lambda *a, **k: path == "fused")
+    of the launcher's paths (segmented: the large-M one-launch kernels, forced)."""
     t = _inputs()
     t[name] = huge_view(t[name], dim)
-    with checked_memory(), fl.pinned_segments(2 if path == "segmented" else None):
+    with checked_memory(), forced_path(path, 2):
         _check_op(t, _triton_run)
 
 

@@ -21,9 +21,17 @@ def perturb(layer, scale=0.3):
             p.add_(torch.randn_like(p) * scale)
 
 
+@torch.no_grad()
+def delta_weight(layer):
+    """U diag(s) D of the adapter's factors (out x in), in float32 or better."""
+    down, scale, up = layer.adapter.factors()
+    acc = torch.promote_types(down.dtype, torch.float32)
+    return (up.to(acc) * scale.to(acc)) @ down.to(acc)
+
+
 def dense64(layer, x):
-    """x @ W'.T + b in float64, W' from merged_weight computed in float64 on a copy."""
-    w = layer.weight.double() + layer.adapter.delta_weight().double()
+    """x @ W'.T + b in float64, W' = base + U diag(s) D."""
+    w = layer.weight.double() + delta_weight(layer).double()
     b = 0 if layer.bias is None else layer.bias.double()
     return x.double() @ w.T + b
 
@@ -49,7 +57,9 @@ def test_drop_in_interface(method):
 @pytest.mark.parametrize("method", ALL)
 def test_calls_the_public_op(method, monkeypatch):
     """forward goes through ops.fused_adapter_linear (so the fused kernels slot in) with the
-    method's row counts and D, U cast to x's dtype."""
+    method's row counts; D, U in the adapter dtype while they train (the kernels round them
+    as they load them: no cast op), cast to x's dtype once and cached under no_grad (and
+    when frozen: PiCa's D)."""
     layer, _, _ = build(method, dtype=torch.float64, adapter_dtype=torch.float32,
                         **({"dropout": 0.1} if method in ("lora", "speclora") else {}))
     calls, real = [], ops.fused_adapter_linear
@@ -60,16 +70,22 @@ def test_calls_the_public_op(method, monkeypatch):
                     training=training)
 
     monkeypatch.setattr(ops, "fused_adapter_linear", spy)
-    layer.eval()(torch.randn(2, 5, 29, dtype=torch.float64))
+    x = torch.randn(2, 5, 29, dtype=torch.float64)
+    layer.eval()(x)
+    with torch.no_grad():
+        layer(x)
     a = layer.adapter
     p = 0.1 if method in ("lora", "speclora") else 0.0
-    assert calls == [((10, 29), torch.float64, torch.float64, p, a.dropout_rows, a.grad_rows, False)]
+    f32, f64 = torch.float32, torch.float64
+    train_down = f64 if method == "pica" else f32
+    assert calls == [((10, 29), train_down, f32, p, a.dropout_rows, a.grad_rows, False),
+                     ((10, 29), f64, f64, p, a.dropout_rows, a.grad_rows, False)]
     expected_rows = {"lora": (3, 3), "speclora": (3, 3)}.get(method, (0, 3))
     assert (a.dropout_rows, a.grad_rows) == expected_rows
 
 
 # bf16 forwards are not tested here: on CPU the op runs its Triton kernels in the
-# interpreter, whose bf16 tl.dot is wrong (triton#11584, DESIGN.md §3). bf16 merge math is
+# interpreter, whose bf16 tl.dot is wrong (triton#11584; the README's "Reliability"). bf16 merge math is
 # covered on weights in test_merge_unmerge_bf16.
 @pytest.mark.parametrize("method,adapter_dtype", [("speclora", None), ("speclora", torch.float64),
                                                   ("spectral_rotational", None)])
@@ -139,7 +155,7 @@ def test_merge_unmerge_bf16(method):
     layer, _, _ = build(method, dtype=torch.bfloat16)
     perturb(layer)
     base = layer.weight.detach().clone()
-    w64 = base.double() + layer.adapter.delta_weight().double()
+    w64 = base.double() + delta_weight(layer).double()
     layer.merge()
     assert layer.weight.dtype == torch.bfloat16
     # merge rounds W + delta once: within half a bf16 ulp of the exact sum

@@ -12,8 +12,9 @@ import torch
 from _tiny_models import VOCAB, llama_config
 
 from speclora_kernels import AdapterFileError
-from speclora_kernels.integrations import inject, load_checkpoint, save_checkpoint
-from speclora_kernels.integrations.checkpoint import STATE_NAME
+from speclora_kernels.integrations import inject
+from speclora_kernels.persistence import load_checkpoint, save_checkpoint
+from speclora_kernels.persistence.checkpoint import STATE_NAME
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 STEPS, RESUME_AT, EVERY = 2000, 1000, 50

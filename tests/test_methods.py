@@ -1,7 +1,8 @@
-"""Every method against an independent dense float64 formula of its W' (DESIGN.md §1).
+"""Every method against an independent dense float64 formula of its W' (the README's
+"Methods" table).
 
-The formulas below are written from the design table, not from the method code: they read
-the layer's parameters and frozen factors by name and build W' as one dense matrix.
+The formulas below are written from that table, not from the method code: they read the
+layer's parameters and frozen factors by name and build W' as one dense matrix.
 """
 import math
 import os
@@ -43,7 +44,7 @@ def cayley_ref(x):
 
 
 def dense_weight(method, w0, t, cfg):
-    """W' from DESIGN.md's table, in whatever dtype ``w0`` and ``t`` have."""
+    """W' from the README's "Methods" table, in whatever dtype ``w0`` and ``t`` have."""
     if method in ("lora", "speclora"):
         w = w0 + cfg["alpha"] / cfg["r"] * t["B"] @ t["A"]
         if method == "speclora":  # top-k singular values rescaled by (1 + m)
@@ -78,7 +79,8 @@ def test_init_equals_base(method, dtype):
     assert y.dtype == dtype and y.shape == (4, 23)
     if method in ZERO_DELTA_AT_INIT:
         # The init makes U diag(s) D exactly zero, so W' is bit-for-bit W0.
-        assert torch.count_nonzero(layer.adapter.delta_weight()) == 0
+        down, scale, up = layer.adapter.factors()
+        assert torch.count_nonzero((up * scale) @ down) == 0
         assert torch.equal(layer.merged_weight(), w0)
         assert rel_err(y, base.double()) < (1e-14 if dtype == torch.float64 else 1e-6)
     else:
@@ -86,6 +88,18 @@ def test_init_equals_base(method, dtype):
         assert rel_err(y, base.double()) < (1e-12 if dtype == torch.float64 else 1e-5)
         w_init = dense_weight(method, w0.double(), state64(layer), layer.adapter.config())
         assert rel_err(w_init, w0.double()) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_declared_options_and_config(method):
+    """config() is the method, R and every saved option, read back from the attributes;
+    takes_dropout (what the demo and the docs read) agrees with the rows dropout acts on."""
+    layer, _, _ = make_layer(method, 37, 23)
+    a = layer.adapter
+    saved = [o.name for o in METHODS[method].options if o.saved]
+    assert a.config() == {"method": method, "rank": a.rank, **{n: getattr(a, n) for n in saved}}
+    assert "r" in saved and ("svd" in saved) == (method != "lora")
+    assert METHODS[method].takes_dropout == (a.dropout_rows > 0)
 
 
 @pytest.mark.parametrize("method", ALL)

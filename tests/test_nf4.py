@@ -19,7 +19,7 @@ from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from speclora_kernels.quant import NF4Weight, dequantize_nf4, dynamic_code, nf4_code, quantize_residual
 from speclora_kernels.quant.nf4 import _quantize_8bit_cpu
-from speclora_kernels.quant.triton_nf4 import dequantize_nf4_triton
+from speclora_kernels.ops.launch import dequantize_nf4_triton
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -269,21 +269,21 @@ def test_bad_input():
     ((131, 67), 32, True),   # 275 blocks: two absmax2 entries
     ((20, 128), 128, False),
 ])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_triton_tiles_bit_identical(shape, blocksize, double_quant, transposed):
+def test_triton_tiles_bit_identical(shape, blocksize, double_quant, device):
     w = NF4Weight.quantize(random_weight(shape, torch.float32), blocksize, double_quant, backend="torch")
     for out_dtype in DTYPES:
-        out = torch.full(shape, float("nan"), dtype=out_dtype)
-        dequantize_nf4_triton(w, out_dtype, out=out, block_n=16, block_k=32, transposed=transposed)
-        assert torch.equal(out, dequantize_nf4(w, out_dtype))
+        out = torch.full(shape, float("nan"), dtype=out_dtype, device=device)
+        dequantize_nf4_triton(w.to(device), out_dtype, out=out, block_n=16, block_k=32)
+        assert torch.equal(out.cpu(), dequantize_nf4(w, out_dtype))
 
 
-def test_triton_real_weight_bit_identical_to_bnb(minilm):
+def test_triton_real_weight_bit_identical_to_bnb(minilm, device):
     w = minilm["query"]
     packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    out = torch.full(w.shape, float("nan"), dtype=torch.float16)
-    dequantize_nf4_triton(NF4Weight.from_bnb(packed, qs), torch.float16, out=out, block_n=64, block_k=128)
-    assert torch.equal(out, bnb_dequantize(packed, qs, torch.float16))
+    out = torch.full(w.shape, float("nan"), dtype=torch.float16, device=device)
+    dequantize_nf4_triton(NF4Weight.from_bnb(packed, qs).to(device), torch.float16, out=out,
+                          block_n=64, block_k=128)
+    assert torch.equal(out.cpu(), bnb_dequantize(packed, qs, torch.float16))
 
 
 def test_triton_compiles_for_sm90_without_fma(tmp_path):
@@ -295,14 +295,16 @@ def test_triton_compiles_for_sm90_without_fma(tmp_path):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         import speclora_kernels.quant.triton_nf4 as m
+        from speclora_kernels.ops.kernels.dequant import dequant_kernel
 
         def ptx(out_dtype, block_n=32):
-            sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
-                   "offset_ptr": "*fp32", "out_ptr": "*" + out_dtype, "N": "i32", "K": "i32"}
-            consts = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, BLOCK_N=block_n, BLOCK_K=64,
-                          TRANSPOSED=False)
+            sig = {"w_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
+                   "offset_ptr": "*fp32", "levels_ptr": "*i64", "out_ptr": "*" + out_dtype, "N": "i32",
+                   "K": "i32", "stride_on": "i32"}
+            consts = dict(NF4_ROWS=True, NF4_BLOCKSIZE=64, NF4_DOUBLE_QUANT=True, NF4_NESTED=256,
+                          BLOCK_N=block_n, BLOCK_K=64)
             sig.update({k: "constexpr" for k in consts})
-            src = ASTSource(fn=m._dequant_kernel, signature=sig, constexprs=consts)
+            src = ASTSource(fn=dequant_kernel, signature=sig, constexprs=consts)
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 
         for dt in ("fp32", "bf16"):

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from speclora_kernels import METHODS, AdapterLinear, load_layer_adapter, save_layer_adapter
-from speclora_kernels.ops import autograd as op_autograd
 from speclora_kernels.quant import NF4Weight
 
 ALL = sorted(METHODS)
@@ -25,11 +24,9 @@ OUT_F, IN_F, R = 37, 75, 3  # 2775 elements: odd, blocks of 64 straddle rows
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 
-@pytest.fixture(autouse=True)
-def pytorch_path(monkeypatch):
-    """The op's PyTorch path (it dequantizes NF4 exactly, bit-identical to bitsandbytes), so
-    bf16 runs are right and fast; the kernels are compared with it in test_ops_nf4.py."""
-    monkeypatch.setattr(op_autograd, "_use_triton", lambda x, rank: False)
+# The op's CPU backend (it decodes NF4 exactly, bit-identical to bitsandbytes), so bf16 runs
+# are right and fast; the kernels are compared with it in test_ops_nf4.py.
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
 def dense_linear(out_f=OUT_F, in_f=IN_F, bias=True, dtype=torch.float32):

@@ -1,14 +1,13 @@
-"""The fused op against the float64 reference, in the Triton interpreter on CPU.
+"""The fused op against the float64 reference: on the GPU when there is one, else in the
+Triton interpreter on CPU (the ``device`` fixture).
 
-Every kernel output buffer is poisoned with NaN before the kernels run (autouse fixture),
-so a single element a kernel fails to write shows up as a NaN or a mismatch.
-bf16 is covered by compilation (tests/test_compile_report.py): the interpreter's bf16 dot
-is broken (triton#11584), fp16 and fp32 run the same code.
+Every kernel output buffer is poisoned with NaN before the kernels run (``poison_outputs``),
+so a single element a kernel fails to write shows up as a NaN or a mismatch. bf16 runs on a
+GPU only; here it is covered by compilation (tests/test_compile_report.py): the
+interpreter's bf16 dot is broken (triton#11584), fp16 and fp32 run the same code.
 """
-import contextlib
 import itertools
 import os
-import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -16,82 +15,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from speclora_kernels import reference  # noqa: E402
-from speclora_kernels.ops import dropout_keep_mask, dropout_seed, fused_adapter_linear  # noqa: E402,E501
-from speclora_kernels.ops import autograd as op_autograd  # noqa: E402
-from speclora_kernels.ops import dropout as op_dropout  # noqa: E402
-from speclora_kernels.ops import fused_linear as fl  # noqa: E402
+from conftest import OP_DTYPES, TOL, forced_path, kernel_launches, rel_err  # noqa: E402
+from speclora_kernels.ops import (dropout_keep_mask, dropout_seed,  # noqa: E402
+                                  fused_adapter_linear, reference_adapter_linear)
+from speclora_kernels.ops import autograd, launch, plan, recipe, tuning  # noqa: E402
+from speclora_kernels import dropout as op_dropout  # noqa: E402
+from speclora_kernels.ops.kernels.common import keep_mask  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not fl.INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
-
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer a kernel writes starts as NaN."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(fl, "_empty", nan_empty)
+pytestmark = [pytest.mark.skipif(not tuning.INTERPRET and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU"),
+              pytest.mark.usefixtures("poison_outputs")]
 
 
-@contextlib.contextmanager
-def kernel_launches():
-    """Names of the Triton kernels actually executed (interpreter launches)."""
-    names, run = [], InterpretedFunction.run
-
-    def counting_run(self, *args, **kwargs):
-        names.append(self.__name__)
-        return run(self, *args, **kwargs)
-
-    InterpretedFunction.run = counting_run
-    try:
-        yield names
-    finally:
-        InterpretedFunction.run = run
-
-
-SEGMENTS = 2  # forced segmented path: 2 segments of the 64-wide output column tiles
-
-
-def narrow_configs(configs, out="BLOCK_K"):
-    """Configs with 64-wide output tiles (``out``: BLOCK_N forward, BLOCK_K dx), at 8 warps
-    as the segmented kernels require (warps mean nothing to the interpreter)."""
-    return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
-            if c.kwargs[out] == 64]
-
-
-@contextlib.contextmanager
-def forced_path(path):
-    """Force the fused, split or segmented path (None: the launcher's own choice).
-
-    "segmented": the one-launch large-M forward and dx at a small shape, ``SEGMENTS``
-    segments of 64-wide output column tiles (the interpreter would otherwise take one tile
-    as wide as the output), so that outputs wider than 64 give segments of several tiles."""
-    chooser, configs = fl.use_fused_path, (fl.FWD.configs, fl.DX.configs)
-    if path is not None:
-        fl.use_fused_path = lambda *shape, dropout=False: path == "fused"
-    if path == "segmented":
-        fl.FWD.configs = narrow_configs(configs[0], "BLOCK_N")
-        fl.DX.configs = narrow_configs(configs[1])
-    try:
-        with fl.pinned_segments(SEGMENTS if path == "segmented" else None):
-            yield
-    finally:
-        fl.use_fused_path, (fl.FWD.configs, fl.DX.configs) = chooser, configs
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all(), "non-finite values (an unwritten poisoned element?)"
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
-def make_inputs(shape_x, out_f, rank, dtype, bias=True, grads=("x", "down", "scale", "up"),
-                scale_dtype=torch.float32):
+def make_inputs(shape_x, out_f, rank, dtype, device, bias=True,
+                grads=("x", "down", "scale", "up"), scale_dtype=torch.float32):
     in_f = shape_x[-1]
     t = {
         "x": torch.randn(*shape_x, dtype=dtype),
@@ -101,6 +39,7 @@ def make_inputs(shape_x, out_f, rank, dtype, bias=True, grads=("x", "down", "sca
         "scale": (torch.rand(rank) + 0.5).to(scale_dtype),
         "up": torch.randn(out_f, rank).to(dtype),
     }
+    t = {n: v.to(device) if v is not None else None for n, v in t.items()}
     for name in grads:
         if t[name] is not None:
             t[name].requires_grad_()
@@ -118,7 +57,8 @@ def run_op(t, dropout_p, dropout_rows, grad_rows, seed=1234):
     names = [n for n, v in t.items() if v is not None and v.requires_grad]
     grads = torch.autograd.grad(y, [t[n] for n in names], dy) if names else []
     torch.manual_seed(seed)
-    mask = dropout_keep_mask(dropout_seed(), t["x"].shape, dropout_p) if dropout_p else None
+    mask = (dropout_keep_mask(dropout_seed(t["x"].device), t["x"].shape, dropout_p)
+            if dropout_p else None)
     return y, dy, dict(zip(names, grads)), mask
 
 
@@ -127,9 +67,9 @@ def check_against_reference(t, dropout_p, dropout_rows, grad_rows, y, dy, grads,
     tol = TOL[t["x"].dtype]
     ref = {n: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
            for n, v in t.items()}
-    y_ref = reference.fused_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
-                                           ref["scale"], ref["up"], dropout_p, dropout_rows,
-                                           grad_rows, mask=mask)
+    y_ref = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                     ref["scale"], ref["up"], dropout_p, dropout_rows,
+                                     grad_rows, mask=mask)
     assert y.dtype == t["x"].dtype and y.shape == y_ref.shape
     assert rel_err(y, y_ref) < tol
     names = list(grads)
@@ -158,13 +98,13 @@ def _randint4x_kernel(out_ptr, counter_ptr, seed, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 3 * n + i, w3.to(tl.int64), mask=i < n)
 
 
-def test_philox_matches_triton_for_64bit_counters():
+def test_philox_matches_triton_for_64bit_counters(device):
     counters = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 3 * 2**40 + 77],
                             dtype=torch.int64)
-    out = torch.empty(4, len(counters), dtype=torch.int64)
+    out = torch.empty(4, len(counters), dtype=torch.int64, device=device)
     for seed in (0, 987654321):
-        _randint4x_kernel[(1,)](out, counters, seed, len(counters), BLOCK=8)
-        assert torch.equal(out, torch.stack(op_dropout.philox4x32(seed, counters)))
+        _randint4x_kernel[(1,)](out, counters.to(device), seed, len(counters), BLOCK=8)
+        assert torch.equal(out.cpu(), torch.stack(op_dropout.philox4x32(seed, counters)))
 
 
 @triton.jit
@@ -172,18 +112,18 @@ def _keep_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K:
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    keep = fl._keep(seed, offs_m, k0, K, dropout_p, BLOCK_M, BLOCK_K)
+    keep = keep_mask(seed, offs_m, k0, K, dropout_p, BLOCK_M, BLOCK_K)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @pytest.mark.parametrize("shape,p", [((5, 40), 0.3), ((2, 3, 7), 0.1), ((33, 200), 0.5)])
-def test_keep_mask_is_the_kernels_mask(shape, p):
+def test_keep_mask_is_the_kernels_mask(shape, p, device):
     M, K = shape[0] * (shape[1] if len(shape) == 3 else 1), shape[-1]
-    out = torch.zeros(M, K, dtype=torch.int8)
+    out = torch.zeros(M, K, dtype=torch.int8, device=device)
     _keep_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 32))](out, M, K, 777, p, BLOCK_M=16,
                                                             BLOCK_K=32)
-    assert torch.equal(out.bool().reshape(shape), dropout_keep_mask(777, shape, p))
+    assert torch.equal(out.cpu().bool().reshape(shape), dropout_keep_mask(777, shape, p))
 
 
 def test_keep_mask_statistics_and_seeding():
@@ -243,14 +183,14 @@ def test_grid_covers_every_pair():
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(
     str(v).replace("torch.", "") for v in c.values()))
-def test_forward_and_gradients_match_reference(case):
+def test_forward_and_gradients_match_reference(case, device):
     R = case["R"]
     rd, rg = ((R + 1) // 2, max(1, R - 2)) if case["rows"] == "partial" else (None, None)
     shape = (case["M"], case["in_f"])
     if case["M"] == 3:  # leading batch dims
         shape = (1, 3, case["in_f"])
     torch.manual_seed(case["M"] * 1000 + R)
-    t = make_inputs(shape, case["out_f"], R, case["dtype"], bias=case["bias"],
+    t = make_inputs(shape, case["out_f"], R, case["dtype"], device, bias=case["bias"],
                     grads=("x", "bias", "down", "scale", "up"))
     with forced_path(case["path"]):
         y, dy, grads, mask = run_op(t, case["dropout"], rd, rg)
@@ -259,10 +199,10 @@ def test_forward_and_gradients_match_reference(case):
         assert not grads["down"][rg:].any() and not grads["up"][:, rg:].any()
 
 
-def test_noncontiguous_inputs_and_fp16_scale():
+def test_noncontiguous_inputs_and_fp16_scale(device):
     torch.manual_seed(0)
-    big = torch.randn(7, 2 * 80, dtype=torch.float16)
-    t = make_inputs((7, 80), 48, 8, torch.float16, scale_dtype=torch.float16)
+    big = torch.randn(7, 2 * 80, dtype=torch.float16, device=device)
+    t = make_inputs((7, 80), 48, 8, torch.float16, device, scale_dtype=torch.float16)
     t["x"] = big[:, ::2].detach().requires_grad_()                  # strided rows
     t["weight"] = t["weight"].T.contiguous().T                     # column-major W
     t["up"] = t["up"].detach().T.contiguous().T.requires_grad_()   # column-major U
@@ -273,22 +213,22 @@ def test_noncontiguous_inputs_and_fp16_scale():
 
 
 # ----------------------------------------------------------------------------- methods
-def method_inputs(method, dtype, M=5, in_f=72, out_f=40, r=6, k=2):
+def method_inputs(method, dtype, device, M=5, in_f=72, out_f=40, r=6, k=2):
     """(inputs, dropout_p, dropout_rows, grad_rows) mirroring each method's gradient needs."""
     if method == "speclora":  # [A; Q_k.T], scale [alpha/r; sigma * m], grads via A, B, m
-        t = make_inputs((M, in_f), out_f, r + k, dtype, grads=("x", "down", "scale", "up"))
+        t = make_inputs((M, in_f), out_f, r + k, dtype, device, grads=("x", "down", "scale", "up"))
         return t, 0.1, r, r
     if method == "lora":
-        t = make_inputs((M, in_f), out_f, r, dtype, grads=("x", "down", "up"))
+        t = make_inputs((M, in_f), out_f, r, dtype, device, grads=("x", "down", "up"))
         return t, 0.1, None, None
     if method == "spectral_additive":
-        t = make_inputs((M, in_f), out_f, r, dtype, grads=("x", "down", "up"))
+        t = make_inputs((M, in_f), out_f, r, dtype, device, grads=("x", "down", "up"))
         return t, 0.0, None, None
     if method == "spectral_rotational":
-        t = make_inputs((M, in_f), out_f, r, dtype, grads=("x", "down", "scale", "up"))
+        t = make_inputs((M, in_f), out_f, r, dtype, device, grads=("x", "down", "scale", "up"))
         return t, 0.0, None, None
     if method == "pica":  # frozen Q_r.T, trainable M
-        t = make_inputs((M, in_f), out_f, r, dtype, grads=("x", "up"))
+        t = make_inputs((M, in_f), out_f, r, dtype, device, grads=("x", "up"))
         return t, 0.0, None, None
     raise ValueError(method)
 
@@ -297,17 +237,17 @@ METHODS = ["lora", "speclora", "spectral_additive", "spectral_rotational", "pica
 
 
 @pytest.mark.parametrize("path", ["fused", "split", "segmented"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
-def test_method_patterns(method, dtype, path):
+def test_method_patterns(method, dtype, path, device):
     torch.manual_seed(METHODS.index(method))
     # segmented: 3 column tiles, segments of 2 and 1
-    t, p, rd, rg = method_inputs(method, dtype, out_f=136 if path == "segmented" else 40)
-    with forced_path(path), fl.record_launches() as launches:
+    t, p, rd, rg = method_inputs(method, dtype, device, out_f=136 if path == "segmented" else 40)
+    with forced_path(path), tuning.record_launches() as launches:
         y, dy, grads, mask = run_op(t, p, rd, rg)
     check_against_reference(t, p, rd, rg, y, dy, grads, mask)
     # no gradient work for frozen factors: the factor kernel only gets the roles it needs
-    factor = [args for kernel, args in launches if kernel is fl.FACTOR]
+    factor = [args for kernel, args in launches if kernel is tuning.FACTOR]
     assert len(factor) == 1
     assert factor[0]["NEED_DD"] == t["down"].requires_grad
     assert factor[0]["NEED_DS"] == t["scale"].requires_grad
@@ -319,16 +259,16 @@ def test_method_patterns(method, dtype, path):
 
 # ----------------------------------------------------------------------------- launches
 @pytest.mark.parametrize("path,fwd,bwd", [
-    ("fused", ["_fwd_kernel"], ["_dx_kernel", "_factor_grad_kernel"]),
-    ("split", ["_proj_kernel", "_fwd_kernel"],
-     ["_proj_kernel", "_dx_kernel", "_factor_grad_kernel"]),
-    ("segmented", ["_fwd_kernel"], ["_dx_kernel", "_factor_grad_kernel"]),
+    ("fused", ["fwd_kernel"], ["dx_kernel", "factor_grad_kernel"]),
+    ("split", ["proj_kernel", "fwd_kernel"],
+     ["proj_kernel", "dx_kernel", "factor_grad_kernel"]),
+    ("segmented", ["fwd_kernel"], ["dx_kernel", "factor_grad_kernel"]),
 ])
-def test_launches_per_forward_and_backward(path, fwd, bwd):
+def test_launches_per_forward_and_backward(path, fwd, bwd, device):
     """Forward: 1 launch fused or segmented, 2 split. Backward with every gradient: 2 fused
     or segmented, 3 split."""
     torch.manual_seed(0)
-    t = make_inputs((4, 64), 96, 8, torch.float32)
+    t = make_inputs((4, 64), 96, 8, torch.float32, device)
     with forced_path(path):
         with kernel_launches() as names:
             y = fused_adapter_linear(t["x"], t["weight"], t["bias"], t["down"], t["scale"],
@@ -339,30 +279,30 @@ def test_launches_per_forward_and_backward(path, fwd, bwd):
         assert names == bwd
 
 
-def test_launches_for_frozen_adapter_and_inference():
+def test_launches_for_frozen_adapter_and_inference(device):
     torch.manual_seed(0)
-    t = make_inputs((4, 64), 96, 8, torch.float32, grads=("x",))
+    t = make_inputs((4, 64), 96, 8, torch.float32, device, grads=("x",))
     with kernel_launches() as names:
         y = fused_adapter_linear(t["x"], t["weight"], None, t["down"], t["scale"], t["up"])
         y.sum().backward()
-    assert names == ["_fwd_kernel", "_dx_kernel"]  # no factor gradients at all
+    assert names == ["fwd_splitk_kernel", "dx_kernel"]  # decode; no factor gradients at all
     with kernel_launches() as names, torch.no_grad():
         fused_adapter_linear(t["x"], t["weight"], None, t["down"], t["scale"], t["up"], 0.5,
                              training=False)
-    assert names == ["_fwd_kernel"]
+    assert names == ["fwd_splitk_kernel"]
 
 
 def test_path_choice():
-    assert fl.use_fused_path(16, 4096, 4096, 16)        # decode: one launch
-    assert fl.use_fused_path(1, 4096, 4096, 64)
-    assert fl.use_fused_path(500, 4096, 4096, 16)
-    assert not fl.use_fused_path(256, 4096, 4096, 64)   # recompute costs more than a launch
-    assert not fl.use_fused_path(512, 256, 256, 8)      # compute-bound: FLOPs at the floor
-    assert not fl.use_fused_path(16, 4096, 4096, 128)   # rank too wide for registers
-    assert not fl.use_fused_path(16, 64, 64, 24)        # D re-reads > W/4 at any tile
+    assert plan.use_fused_path(16, 4096, 4096, 16)        # decode: one launch
+    assert plan.use_fused_path(1, 4096, 4096, 64)
+    assert plan.use_fused_path(500, 4096, 4096, 16)
+    assert not plan.use_fused_path(256, 4096, 4096, 64)   # recompute costs more than a launch
+    assert not plan.use_fused_path(512, 256, 256, 8)      # compute-bound: FLOPs at the floor
+    assert not plan.use_fused_path(16, 4096, 4096, 128)   # rank too wide for registers
+    assert not plan.use_fused_path(16, 64, 64, 24)        # D re-reads > W/4 at any tile
     # dropout: every column tile regenerates the mask of its x tiles
-    assert fl.use_fused_path(16, 4096, 4096, 16, dropout=True)
-    assert not fl.use_fused_path(128, 1024, 1024, 16, dropout=True)
+    assert plan.use_fused_path(16, 4096, 4096, 16, dropout=True)
+    assert not plan.use_fused_path(128, 1024, 1024, 16, dropout=True)
 
 
 # ----------------------------------------------------------------------------- segmented
@@ -379,125 +319,129 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: "-".join(
     str(v).replace("torch.", "") for v in c))
-def test_segmented_forward_matches_reference(case, monkeypatch):
+def test_segmented_forward_matches_reference(case, device):
     """The large-M forward and dx kernels (a program per row block and column segment, t or
     g computed once per segment; no projection kernel) at small shapes, forward and every
     gradient vs float64."""
     M, in_f, out_f, R, dtype, bias, p, rows, segments = case
     rd, rg = ((R + 1) // 2, max(1, R - 2)) if rows == "partial" else (None, None)
-    monkeypatch.setattr(sys.modules[__name__], "SEGMENTS", segments)
     torch.manual_seed(M + R)
-    t = make_inputs((M, in_f), out_f, R, dtype, bias=bias,
+    t = make_inputs((M, in_f), out_f, R, dtype, device, bias=bias,
                     grads=("x", "bias", "down", "scale", "up"))
-    with forced_path("segmented"), fl.record_launches() as launches:
+    with forced_path("segmented", segments), tuning.record_launches() as launches:
         y, dy, grads, mask = run_op(t, p, rd, rg)
+        for kernel, args in launches[:2]:
+            assert args["SEGMENTED"] and args["n_segments"] == segments
+            assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback
     check_against_reference(t, p, rd, rg, y, dy, grads, mask)
-    assert [kernel for kernel, _ in launches] == [fl.FWD, fl.DX, fl.FACTOR]
-    for kernel, args in launches[:2]:
-        assert args["SEGMENTED"] and args["n_segments"] == segments
-        assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback config
+    assert [kernel for kernel, _ in launches] == [tuning.FWD, tuning.DX, tuning.FACTOR]
 
 
 def test_segment_choice(monkeypatch):
     """Opt-in (SPECLORA_SEGMENTED=1); then segments only where they fill an H100 twice over
     at <= 5% extra FLOPs; forward and dx take the same rule (dx's output width is in_f)."""
-    monkeypatch.delenv(fl.SEGMENTED_ENV, raising=False)
-    assert fl.segment_count(8192, 4096, 48) == 0
-    monkeypatch.setenv(fl.SEGMENTED_ENV, "1")
-    assert fl.segment_count(8192, 4096, 48) == 3     # 128 row blocks x 3 = 384 programs
-    assert fl.segment_count(8192, 14336, 48) == 3
-    assert fl.segment_count(16384, 4096, 48) == 2
-    assert fl.segment_count(8192, 4096, 48, sms=108) == 2
-    assert fl.segment_count(4096, 4096, 48) == 0     # needs 5 segments > 4096 / (20 * 64)
-    assert fl.segment_count(512, 4096, 48) == 0      # needs 33: would starve the GPU
-    assert fl.segment_count(8192, 1024, 48) == 0     # segment narrower than 20 rank blocks
-    assert fl.segment_count(8192, 4096, 128) == 0    # t does not fit in registers
-    with fl.pinned_segments(5):
-        assert fl.segment_count(16, 64, 8) == 5
-    assert fl.segment_count(16, 64, 8) == 0
+    monkeypatch.delenv(plan.SEGMENTED_ENV, raising=False)
+    assert plan.segment_count(8192, 4096, 48) == 0
+    monkeypatch.setenv(plan.SEGMENTED_ENV, "1")
+    assert plan.segment_count(8192, 4096, 48) == 3     # 128 row blocks x 3 = 384 programs
+    assert plan.segment_count(8192, 14336, 48) == 3
+    assert plan.segment_count(16384, 4096, 48) == 2
+    assert plan.segment_count(8192, 4096, 48, sms=108) == 2
+    assert plan.segment_count(4096, 4096, 48) == 0     # needs 5 segments > 4096 / (20 * 64)
+    assert plan.segment_count(512, 4096, 48) == 0      # needs 33: would starve the GPU
+    assert plan.segment_count(8192, 1024, 48) == 0     # segment narrower than 20 rank blocks
+    assert plan.segment_count(8192, 4096, 128) == 0    # t does not fit in registers
+    with plan.forced_plan("segmented", 5):
+        assert plan.gemm_plan(16, 64, 8, 8, rank_cap=64) == plan.Plan("segmented", 5)
+    assert plan.gemm_plan(16, 64, 8, 8, rank_cap=64) == plan.Plan("fused")
+    assert plan.gemm_plan(8192, 4096, 4096, 48, rank_cap=64) == plan.Plan("segmented", 3)
+    with pytest.raises(ValueError, match="path"):
+        plan.forced_plan("fast").__enter__()
     # the launcher: one launch, row tiles of 64, 384 programs, x read by no other kernel
     meta = dict(device="meta", dtype=torch.bfloat16)
     x, w = torch.empty(8192, 4096, **meta), torch.empty(4096, 4096, **meta)
     d, u = torch.empty(48, 4096, **meta), torch.empty(4096, 48, **meta)
-    with fl.record_launches(dry_run=True) as launches:
-        fl.adapter_forward(x, w, None, d, torch.empty(48, device="meta"), u, 0, 0.1, 16, True)
-    assert [kernel for kernel, _ in launches] == [fl.FWD]
+    with tuning.record_launches(dry_run=True) as launches:
+        launch.adapter_forward(x, w, None, d, torch.empty(48, device="meta"), u, 0, 0.1, 16, True)
+    assert [kernel for kernel, _ in launches] == [tuning.FWD]
     args = launches[0][1]
     assert args["SEGMENTED"] and args["FUSE_DOWN"] and args["STORE_T"] and args["HAS_DROPOUT"]
-    configs = fl.FWD.candidates(args, limit=1 << 40)
+    configs = tuning.FWD.candidates(args, limit=1 << 40)
     assert configs and all(c.kwargs["BLOCK_M"] == 64 for c in configs)
-    assert {fl.FWD.grid({**args, **c.kwargs})[0] for c in configs} == {384}
-    with fl.record_launches(dry_run=True) as launches:
-        fl.adapter_backward(torch.empty(8192, 4096, **meta), x, w, d,
+    assert {tuning.FWD.grid({**args, **c.kwargs})[0] for c in configs} == {384}
+    with tuning.record_launches(dry_run=True) as launches:
+        launch.adapter_backward(torch.empty(8192, 4096, **meta), x, w, d,
                             torch.empty(48, device="meta"), u,
                             torch.empty(8192, 48, device="meta"), 0, 0.1, 16, 16, True, True,
                             True, True)
-    assert [kernel for kernel, _ in launches] == [fl.DX, fl.FACTOR]   # g from the dx kernel
+    assert [kernel for kernel, _ in launches] == [tuning.DX, tuning.FACTOR]   # g from the dx kernel
     args = launches[0][1]
     assert args["SEGMENTED"] and args["FUSE_UP"] and args["STORE_G"] and args["n_segments"] == 3
-    configs = fl.DX.candidates(args, limit=1 << 40)
+    configs = tuning.DX.candidates(args, limit=1 << 40)
     assert configs and all(c.kwargs["BLOCK_M"] == 64 for c in configs)
-    assert {fl.DX.grid({**args, **c.kwargs})[0] for c in configs} == {384}
+    assert {tuning.DX.grid({**args, **c.kwargs})[0] for c in configs} == {384}
 
 
 def test_config_pruning():
     x = torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")
     args = dict(x_ptr=x, M=16, N=4096, K=4096, R=64, FUSE_DOWN=True, SEGMENTED=False,
                 n_segments=1, HAS_DROPOUT=True, BLOCK_R=64)
-    fused = fl.FWD.candidates(args, limit=1 << 40)
+    fused = tuning.FWD.candidates(args, limit=1 << 40)
     assert fused and all(c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] >= 256 for c in fused)
-    train = fl.FWD.candidates({**args, "M": 8192, "R": 16, "FUSE_DOWN": False, "BLOCK_R": 16},
+    train = tuning.FWD.candidates({**args, "M": 8192, "R": 16, "FUSE_DOWN": False, "BLOCK_R": 16},
                               limit=100 * 1024)
     assert train and all(c.kwargs["BLOCK_M"] >= 64 for c in train)
-    assert all(fl._fwd_smem(c, {**args, "FUSE_DOWN": False, "BLOCK_R": 16}) <= 100 * 1024
+    assert all(tuning.FWD.smem_bytes(c, {**args, "FUSE_DOWN": False, "BLOCK_R": 16}) <= 100 * 1024
                for c in train)
     # nothing fits 1 KB: fall back to the smallest footprint rather than fail
-    assert len(fl.FWD.candidates(args, limit=1024)) == 1
+    assert len(tuning.FWD.candidates(args, limit=1024)) == 1
 
 
 # ----------------------------------------------------------------------------- dispatch
+@pytest.mark.skipif(not tuning.INTERPRET, reason="CPU tensors run Triton only in the interpreter")
 def test_interpreter_runs_triton_on_cpu_tensors():
-    t = make_inputs((2, 64), 64, 8, torch.float32)
+    t = make_inputs((2, 64), 64, 8, torch.float32, "cpu")
     with kernel_launches() as names:
         fused_adapter_linear(t["x"], t["weight"], None, t["down"], t["scale"], t["up"])
     assert names  # CPU tensors went through the Triton kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_pytorch_path_matches_kernels_and_reference(monkeypatch, dtype):
-    """Without Triton (CPU, no interpreter) the PyTorch path runs; same mask, same math."""
+def test_cpu_backend_matches_kernels_and_reference(dtype):
+    """The CPU backend (what CPU tensors run without the interpreter): same mask, same math
+    as the kernels (in the interpreter) and the reference."""
     torch.manual_seed(0)
-    t = make_inputs((6, 48), 40, 8, dtype)
-    if dtype != torch.bfloat16:
+    t = make_inputs((6, 48), 40, 8, dtype, "cpu")
+    compare = tuning.INTERPRET and dtype != torch.bfloat16
+    if compare:
         y_k, dy_k, g_k, _ = run_op(t, 0.25, 5, 7)
-    monkeypatch.setattr(op_autograd, "_use_triton", lambda x, rank: False)
-    with kernel_launches() as names:
+    with autograd.cpu_path(), kernel_launches() as names:
         y, dy, grads, mask = run_op(t, 0.25, 5, 7)
     assert names == []
     tol = {torch.bfloat16: 2e-2}.get(dtype, 1e-5)
     ref = {n: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
            for n, v in t.items()}
-    y_ref = reference.fused_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
-                                           ref["scale"], ref["up"], 0.25, 5, 7, mask=mask)
+    y_ref = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                     ref["scale"], ref["up"], 0.25, 5, 7, mask=mask)
     assert rel_err(y, y_ref) < tol
     want = torch.autograd.grad(y_ref, [ref[n] for n in grads], dy.double())
     for (name, got), w in zip(grads.items(), want):
         assert rel_err(got, w) < tol, name
-    if dtype != torch.bfloat16:  # the kernels drew the same mask from the same seed
+    if compare:  # the kernels drew the same mask from the same seed
         assert rel_err(y_k, y.to(y_k.dtype)) < tol
 
 
-def test_float64_runs_pytorch_path():
+def test_float64_runs_pytorch_path(device):
     torch.manual_seed(0)
-    t = make_inputs((3, 32), 24, 4, torch.float64, scale_dtype=torch.float64)
+    t = make_inputs((3, 32), 24, 4, torch.float64, device, scale_dtype=torch.float64)
     with kernel_launches() as names:
         y, dy, grads, mask = run_op(t, 0.0, None, None)
     assert names == []
     check_against_reference(t, 0.0, None, None, y, dy, grads, mask)
 
 
-def test_rejects_bad_arguments():
-    t = make_inputs((2, 32), 24, 4, torch.float32, grads=())
+def test_rejects_bad_arguments(device):
+    t = make_inputs((2, 32), 24, 4, torch.float32, device, grads=())
     args = [t["x"], t["weight"], t["bias"], t["down"], t["scale"], t["up"]]
     with pytest.raises(TypeError, match="weight"):
         fused_adapter_linear(args[0], args[1].half(), *args[2:])
@@ -555,3 +499,117 @@ def test_torch_compile_fullgraph():
             torch.manual_seed(1)
             assert rel_err(fn(x), y0) < 1e-5
 
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_float32_factors_with_16bit_input(path, device):
+    """D and U as float32 parameters with fp16 activations: rounded to fp16 as the kernels
+    load them (no cast op before the call), gradients come back in float32."""
+    torch.manual_seed(7)
+    t = make_inputs((9, 72), 40, 6, torch.float16, device, grads=("x", "down", "scale", "up"))
+    for name in ("down", "up"):
+        t[name] = t[name].detach().float().requires_grad_()
+    with forced_path(path):
+        y, dy, grads, mask = run_op(t, 0.2, 4, None)
+    assert grads["down"].dtype == grads["up"].dtype == torch.float32
+    rounded = {n: (v.detach().half().double() if n in ("down", "up") else v.detach().double())
+               if v is not None else None for n, v in t.items()}
+    ref = {n: v.requires_grad_(t[n].requires_grad) if v is not None else None
+           for n, v in rounded.items()}
+    y_ref = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                     ref["scale"], ref["up"], 0.2, 4, None, mask=mask)
+    assert rel_err(y, y_ref) < TOL[torch.float16]
+    want = torch.autograd.grad(y_ref, [ref[n] for n in grads], dy.double())
+    for (name, got), w in zip(grads.items(), want):
+        assert rel_err(got, w) < TOL[torch.float16], name
+
+
+# ----------------------------------------------------------------------------- split-K decode
+SPLITK_CASES = [
+    # (M, in_f, out_f, R, dtype, bias, dropout, rows, splits, block_n): slices of 64 columns,
+    # the last one short where in_f is no multiple; column tiles not dividing out_f
+    (1, 200, 150, 12, torch.float32, True, 0.0, "all", 4, 32),
+    (16, 200, 150, 24, torch.float16, False, 0.3, "partial", 3, 64),
+    (5, 64, 40, 1, torch.float32, True, 0.3, "all", 1, 32),
+    (3, 328, 96, 64, torch.float16, True, 0.0, "partial", 6, 32),
+]
+
+
+@pytest.mark.parametrize("case", SPLITK_CASES, ids=lambda c: "-".join(
+    str(v).replace("torch.", "") for v in c))
+def test_splitk_forward_matches_reference(case, device):
+    """The decode forward as one split-K launch: partial sums of y and t per slice of K, the
+    last program of a tile reduces them in slice order; forward and every gradient vs
+    float64 (the backward runs the usual kernels on the t the split-K launch saved)."""
+    M, in_f, out_f, R, dtype, bias, p, rows, splits, block_n = case
+    rd, rg = ((R + 1) // 2, max(1, R - 2)) if rows == "partial" else (None, None)
+    torch.manual_seed(M * 7 + R)
+    t = make_inputs((M, in_f), out_f, R, dtype, device, bias=bias,
+                    grads=("x", "bias", "down", "scale", "up"))
+    with plan.forced_plan("splitk", splits=splits, block_n=block_n), \
+            tuning.record_launches() as launches:
+        y, dy, grads, mask = run_op(t, p, rd, rg)
+        args = launches[0][1]
+        assert args["n_splits"] == triton.cdiv(in_f, plan.split_slice(in_f, splits))
+        assert any(tuning.SPLITK.fits(c, args) for c in tuning.SPLITK.configs)
+    assert [k.name for k, _ in launches][0] == "fwd_splitk_kernel"
+    check_against_reference(t, p, rd, rg, y, dy, grads, mask)
+
+
+def test_splitk_reuses_its_counters_and_is_bitwise_stable(device):
+    """Each launch leaves its arrival counters at zero (the next one reduces again), and the
+    reduction order is fixed: repeated calls give the same bits."""
+    torch.manual_seed(3)
+    t = make_inputs((2, 256), 96, 8, torch.float32, device, grads=())
+    with plan.forced_plan("splitk", splits=4, block_n=32), torch.no_grad():
+        ys = [fused_adapter_linear(t["x"], t["weight"], t["bias"], t["down"], t["scale"],
+                                   t["up"]) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert not any(c.any() for c in recipe._counters.values() if c.device.type == device)
+
+
+@pytest.mark.parametrize("out_f", [1, 7, 40])
+def test_decode_plan_takes_any_width(out_f, device):
+    """The op's own decode plan (nothing forced) at layer widths below every split-K column
+    tile: split-K with the narrowest tile, forward and gradients vs float64."""
+    torch.manual_seed(out_f)
+    t = make_inputs((3, 200), out_f, 4, torch.float32, device, grads=("x", "down", "up"))
+    with tuning.record_launches() as launches:
+        y, dy, grads, mask = run_op(t, 0.0, None, None)
+    assert launches[0][0] is tuning.SPLITK and launches[0][1]["BLOCK_N"] == 32
+    check_against_reference(t, 0.0, None, None, y, dy, grads, mask)
+
+
+def test_decode_plans_fill_the_gpu():
+    """At decode (M <= 16), for every Llama-3-8B / Mistral-7B / Qwen2.5-7B projection and
+    R <= 64, dense and NF4: split-K with >= 2 waves of programs on 132 SMs."""
+    from speclora_kernels.tools.floors import NF4_DECODE_TABLE_BYTES, nf4_weight_bytes
+
+    shapes = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (3584, 3584),
+              (512, 3584), (18944, 3584), (3584, 18944)]
+    for (N, K), M, R, nf4 in itertools.product(shapes, (1, 16), (16, 48, 64), (False, True)):
+        weight = nf4_weight_bytes(N, K) + NF4_DECODE_TABLE_BYTES if nf4 else 2 * N * K
+        p = plan.forward_plan(M, N, K, R, rank_cap=64, weight_bytes=weight, element_size=2,
+                              nf4=nf4)
+        assert p.path == "splitk", (N, K, M, R, nf4)
+        programs = triton.cdiv(N, p.block_n) * triton.cdiv(K, plan.split_slice(K, p.splits))
+        assert programs >= 2 * 132, (N, K, M, R, nf4, p)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_factor_gradients_split_over_rows(dropout, device):
+    """At M >= 512 each factor-gradient tile is reduced by several programs over slices of
+    rows (summed in slice order by the last to arrive): every gradient vs float64, and the
+    same bits run after run."""
+    torch.manual_seed(11)
+    t = make_inputs((600, 40), 36, 8, torch.float32, device, grads=("x", "down", "scale", "up"))
+    results = []
+    for _ in range(2):
+        with tuning.record_launches() as launches:
+            y, dy, grads, mask = run_op(t, dropout, 5, 6)
+        factor = [args for kernel, args in launches if kernel is tuning.FACTOR]
+        assert factor and factor[0]["n_msplits"] > 1 and factor[0]["SPLIT_M"]
+        results.append(grads)
+    check_against_reference(t, dropout, 5, 6, y, dy, grads, mask)
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    assert plan.factor_splits(511, 10) == 1 and plan.factor_splits(8192, 10) > 1

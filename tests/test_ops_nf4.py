@@ -1,10 +1,10 @@
 """The fused op on an NF4 base (bitsandbytes layout) against the float64 reference on the
-dequantized weight, in the Triton interpreter on CPU.
+dequantized weight: on the GPU when there is one, else in the Triton interpreter on CPU.
 
 Every kernel output buffer is poisoned with NaN before the kernels run. The weight is
 decoded tile by tile in registers: no launch receives, stores or saves a dense weight.
-bf16 runs only on the PyTorch path here (the interpreter's bf16 dot is broken,
-triton#11584); the bf16 kernels are covered by the compile report.
+Without a GPU, bf16 runs only on the CPU backend here (the interpreter's bf16 dot is
+broken, triton#11584); the bf16 kernels are covered by the compile report.
 """
 import os
 
@@ -12,18 +12,17 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from speclora_kernels import AdapterLinear, reference  # noqa: E402
-from speclora_kernels.ops import dropout_keep_mask, dropout_seed, fused_adapter_linear  # noqa: E402
-from speclora_kernels.ops import autograd as op_autograd  # noqa: E402
-from speclora_kernels.ops import fused_linear as fl  # noqa: E402
+from conftest import OP_DTYPES, TOL, forced_path, rel_err  # noqa: E402
+from speclora_kernels import AdapterLinear  # noqa: E402
+from speclora_kernels.ops import (dropout_keep_mask, dropout_seed,  # noqa: E402
+                                  fused_adapter_linear, reference_adapter_linear)
+from speclora_kernels.ops import autograd, tuning  # noqa: E402
 from speclora_kernels.quant import NF4Weight, dequantize_nf4  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not fl.INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
-
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+pytestmark = [pytest.mark.skipif(not tuning.INTERPRET and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU"),
+              pytest.mark.usefixtures("poison_outputs")]
 OUT_F = 37
 # (in_features, blocksize, double_quant): K a multiple of the blocksize takes the row decoder
 # (contiguous bytes, one scale per row and block), any other K the span decoder (rows that
@@ -40,20 +39,7 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(fl, "_empty", nan_empty)
-
-
-def rel_err(got, want):
-    assert torch.isfinite(got).all(), "non-finite values (an unwritten poisoned element?)"
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
-def make_inputs(M, layout, R, dtype, grads, bias=True, out_f=OUT_F):
+def make_inputs(M, layout, R, dtype, grads, bias=True, out_f=OUT_F, device="cpu"):
     in_f, blocksize, double_quant = layout
     w = torch.randn(out_f, in_f) * in_f ** -0.5
     w[3] *= 40  # rows of very different range: the scales matter
@@ -66,6 +52,7 @@ def make_inputs(M, layout, R, dtype, grads, bias=True, out_f=OUT_F):
         "scale": (torch.rand(R) + 0.5).to(torch.promote_types(dtype, torch.float32)),
         "up": torch.randn(out_f, R).to(dtype),
     }
+    t = {n: v.to(device) if v is not None else None for n, v in t.items()}
     for name in grads:
         t[name].requires_grad_()
     return t
@@ -81,7 +68,7 @@ def run(t, p, rd, rg, seed=1234):
     names = [n for n, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(y, [t[n] for n in names], dy)))
     torch.manual_seed(seed)
-    mask = dropout_keep_mask(dropout_seed(), t["x"].shape, p) if p else None
+    mask = dropout_keep_mask(dropout_seed(t["x"].device), t["x"].shape, p) if p else None
     return y, dy, grads, mask
 
 
@@ -92,8 +79,8 @@ def check(t, p, rd, rg, y, dy, grads, mask):
     ref = {n: v.detach().double().requires_grad_(v.requires_grad)
            for n, v in t.items() if isinstance(v, torch.Tensor)}
     w = dequantize_nf4(t["weight"], t["x"].dtype).double()
-    y_ref = reference.fused_adapter_linear(ref["x"], w, ref.get("bias"), ref["down"],
-                                           ref["scale"], ref["up"], p, rd, rg, mask=mask)
+    y_ref = reference_adapter_linear(ref["x"], w, ref.get("bias"), ref["down"],
+                                     ref["scale"], ref["up"], p, rd, rg, mask=mask)
     assert y.dtype == t["x"].dtype and y.shape == y_ref.shape
     assert rel_err(y, y_ref) < tol
     want = torch.autograd.grad(y_ref, [ref[n] for n in grads], dy.double())
@@ -106,28 +93,29 @@ def check(t, p, rd, rg, y, dy, grads, mask):
     ((37, 128), 64, True), ((20, 256), 128, False), ((300, 64), 32, True),  # row decoder
     ((37, 75), 64, True), ((20, 99), 128, False), ((9, 160), 128, True),    # span decoder
     ((5, 2047), 1024, False), ((3, 1), 64, True)])
-def test_fused_decoders_bit_identical(shape, blocksize, double_quant):
+def test_fused_decoders_bit_identical(shape, blocksize, double_quant, device):
     """The kernels' tile decoders (row and span) give bitsandbytes' values, rounded to each
     activation dtype, for tiles narrower and wider than a block."""
-    from speclora_kernels.quant.triton_nf4 import dequantize_nf4_triton
+    from speclora_kernels.ops.launch import dequantize_nf4_triton
 
     w = NF4Weight.quantize(torch.randn(shape) * 3, blocksize, double_quant, backend="torch")
+    on_device = w.to(device)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for block_k in (32, 256):
-            out = torch.full(shape, float("nan"), dtype=dtype)
-            dequantize_nf4_triton(w, dtype, out=out, block_n=16, block_k=block_k, rows=True)
-            assert torch.equal(out, dequantize_nf4(w, dtype)), (dtype, block_k)
+            out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+            dequantize_nf4_triton(on_device, dtype, out=out, block_n=16, block_k=block_k)
+            assert torch.equal(out.cpu(), dequantize_nf4(w, dtype)), (dtype, block_k)
 
 
 @pytest.mark.parametrize("M", [1, 5, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("method", list(PATTERNS))
-def test_method_patterns(method, dtype, M):
+def test_method_patterns(method, dtype, M, device):
     R, p, rd, rg, grads = PATTERNS[method]
     i = list(PATTERNS).index(method)
     layout = LAYOUTS[(i + M + (dtype == torch.float16)) % len(LAYOUTS)]
     torch.manual_seed(100 * i + M)
-    t = make_inputs(M, layout, R, dtype, grads, bias=i % 2 == 0)
+    t = make_inputs(M, layout, R, dtype, grads, bias=i % 2 == 0, device=device)
     y, dy, got, mask = run(t, p, rd, rg)
     check(t, p, rd, rg, y, dy, got, mask)
     if rg is not None and rg < R:  # frozen rows get exact zeros
@@ -136,38 +124,32 @@ def test_method_patterns(method, dtype, M):
 
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: "K{}-bs{}-{}".format(c[0], c[1], "dq" if c[2] else "nodq"))
-def test_layouts_both_paths(layout, path, monkeypatch):
+def test_layouts_both_paths(layout, path, device):
     """Every layout (row decoder and span decoder, blocksize 64/128, double quant on and
     off) through the fused and the split kernels, forward and dx."""
-    monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: path == "fused")
     torch.manual_seed(layout[0])
-    t = make_inputs(7, layout, 5, torch.float32, ("x", "down", "scale", "up"))
-    check(t, 0.2, 3, None, *run(t, 0.2, 3, None))
+    t = make_inputs(7, layout, 5, torch.float32, ("x", "down", "scale", "up"), device=device)
+    with forced_path(path):
+        check(t, 0.2, 3, None, *run(t, 0.2, 3, None))
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[4]], ids=["rows", "span"])
-def test_segmented_path(layout, monkeypatch):
+def test_segmented_path(layout, device):
     """The large-M forward and dx kernels (segments of column tiles, t and g computed once
     per segment) on an NF4 base, forced at a small shape with 64-wide output tiles and 2
     segments: y 2 + 1 tiles, dx 2 + 2 (rows) or 2 + 1 (span); the decoders run inside the
     segment loops."""
-    monkeypatch.setattr(fl, "use_fused_path", lambda *shape, dropout=False: False)
-    monkeypatch.setattr(fl.FWD, "configs",  # 64-wide tiles at the 8 warps segments need
-                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
-                         for c in fl.FWD.configs if c.kwargs["BLOCK_N"] == 64])
-    monkeypatch.setattr(fl.DX, "configs",
-                        [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
-                         for c in fl.DX.configs if c.kwargs["BLOCK_K"] == 64])
     torch.manual_seed(layout[0] + 1)
-    t = make_inputs(7, layout, 5, torch.float16, ("x", "down", "scale", "up"), out_f=150)
-    with fl.pinned_segments(2), fl.record_launches() as launches:
+    t = make_inputs(7, layout, 5, torch.float16, ("x", "down", "scale", "up"), out_f=150,
+                    device=device)
+    with forced_path("segmented", 2), tuning.record_launches() as launches:
         y, dy, grads, mask = run(t, 0.2, 3, None)
+        for kernel, args in launches[:2]:
+            assert args["SEGMENTED"] and args["NF4"]
+            assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback
+            assert args["NF4_ROWS"] == (layout[0] % layout[1] == 0)
     check(t, 0.2, 3, None, y, dy, grads, mask)
-    assert [kernel for kernel, _ in launches] == [fl.FWD, fl.DX, fl.FACTOR]
-    for kernel, args in launches[:2]:
-        assert args["SEGMENTED"] and args["NF4"]
-        assert any(kernel.fits(c, args) for c in kernel.configs)  # not the fallback config
-        assert args["NF4_ROWS"] == (layout[0] % layout[1] == 0)
+    assert [kernel for kernel, _ in launches] == [tuning.FWD, tuning.DX, tuning.FACTOR]
 
 
 def dense_weight_tensors(tensors, n_elements):
@@ -175,11 +157,11 @@ def dense_weight_tensors(tensors, n_elements):
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() >= n_elements]
 
 
-def test_weight_never_materialised():
+def test_weight_never_materialised(device):
     """No launch gets a dense weight-sized float tensor, none is saved for backward, and the
     PyTorch fallback's dequantizer is never called."""
     layout = (256, 64, True)
-    t = make_inputs(16, layout, 8, torch.float16, ("x", "down", "scale", "up"))
+    t = make_inputs(16, layout, 8, torch.float16, ("x", "down", "scale", "up"), device=device)
     n = OUT_F * layout[0]  # > every activation-sized tensor here (16 x 256)
     saved = []
 
@@ -191,39 +173,39 @@ def test_weight_never_materialised():
     real = NF4Weight.dequantize
     NF4Weight.dequantize = lambda *a, **k: calls.append(a) or real(*a, **k)
     try:
-        with fl.record_launches() as launches, \
+        with tuning.record_launches() as launches, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
             y, dy, grads, mask = run(t, 0.1, 8, None)
     finally:
         NF4Weight.dequantize = real
     check(t, 0.1, 8, None, y, dy, grads, mask)
     names = [kernel.name for kernel, _ in launches]
-    assert "_fwd_kernel" in names and "_dx_kernel" in names
-    for kernel, args in launches:
-        assert not dense_weight_tensors(args.values(), n), kernel.name
-        if kernel.name in ("_fwd_kernel", "_dx_kernel"):
+    assert "fwd_splitk_kernel" in names and "dx_kernel" in names  # decode: the split-K forward
+    for kernel, args in launches:  # (its fp32 partials, part_ptr, are no weight)
+        assert not dense_weight_tensors([v for k, v in args.items() if k != "part_ptr"], n), \
+            kernel.name
+        if kernel.name in ("fwd_splitk_kernel", "dx_kernel"):
             assert args["NF4"] and args["w_ptr"] is t["weight"].packed
     assert not dense_weight_tensors(saved, n) and calls == []
     assert any(v is t["weight"].packed for v in saved)  # a reference, not a copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_pytorch_path(monkeypatch, dtype):
-    """CPU without Triton (float64 always): the fallback dequantizes (only there) and
-    matches the reference."""
-    if dtype != torch.float64:
-        monkeypatch.setattr(op_autograd, "_use_triton", lambda x, rank: False)
+def test_cpu_backend(dtype):
+    """The CPU backend (float64 always runs the PyTorch path) matches the reference."""
     torch.manual_seed(3)
     t = make_inputs(6, (99, 128, True), 7, dtype, ("x", "down", "scale", "up"))
-    check(t, 0.25, 4, 5, *run(t, 0.25, 4, 5))
+    with autograd.cpu_path():
+        check(t, 0.25, 4, 5, *run(t, 0.25, 4, 5))
 
 
-def test_kernels_and_pytorch_path_agree(monkeypatch):
+@pytest.mark.skipif(not tuning.INTERPRET, reason="compares interpreted kernels on CPU tensors")
+def test_kernels_and_cpu_backend_agree():
     torch.manual_seed(4)
     t = make_inputs(5, (128, 64, True), 6, torch.float32, ("x", "down", "up"))
     y_kernel, _, g_kernel, _ = run(t, 0.3, 6, None)
-    monkeypatch.setattr(op_autograd, "_use_triton", lambda x, rank: False)
-    y_torch, _, g_torch, _ = run(t, 0.3, 6, None)
+    with autograd.cpu_path():
+        y_torch, _, g_torch, _ = run(t, 0.3, 6, None)
     assert rel_err(y_kernel, y_torch) < 1e-5
     for name in g_kernel:
         assert rel_err(g_kernel[name], g_torch[name]) < 1e-5, name
@@ -304,3 +286,48 @@ def test_nf4_report_command(tmp_path):
     peft, ours = rows["bnb Linear4bit + PEFT LoRA"], rows["AdapterLinear lora (NF4)"]
     assert ours["x_saved"] and ours["activation_bytes"] < peft["activation_bytes"]
     assert "fused NF4 forward, unique bytes" in proc.stdout
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2]], ids=["bs64-dq", "bs128"])
+def test_splitk_decode_on_nf4(layout, device):
+    """The split-K decode launch decoding NF4 tiles in its K slices (row decoder)."""
+    from speclora_kernels.ops import plan
+
+    torch.manual_seed(layout[0] + 5)
+    t = make_inputs(3, layout, 7, torch.float16, ("x", "down", "scale", "up"), device=device)
+    with plan.forced_plan("splitk", splits=2, block_n=32), tuning.record_launches() as launches:
+        y, dy, grads, mask = run(t, 0.2, 4, None)
+    assert launches[0][0] is tuning.SPLITK and launches[0][1]["NF4"]
+    check(t, 0.2, 4, None, y, dy, grads, mask)
+
+
+@pytest.mark.parametrize("M", [65, 130])
+def test_large_m_decodes_once_into_a_transient_copy(M, device):
+    """Above 64 rows the forward and dx kernels get a dense copy of W decoded once per call
+    (one dequantize launch each), freed before the call returns and never saved for
+    backward; the result matches the reference on the decoded weight."""
+    import weakref
+
+    layout = (128, 64, True)
+    torch.manual_seed(M)
+    t = make_inputs(M, layout, 6, torch.float16, ("x", "down", "scale", "up"), device=device)
+    saved, copies = [], []
+
+    def pack(v):
+        saved.append(v)
+        return v
+
+    with tuning.record_launches() as launches, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        y, dy, grads, mask = run(t, 0.1, 4, None)
+        for kernel, args in launches:
+            if kernel is tuning.DEQUANT:
+                copies.append(weakref.ref(args["out_ptr"]))
+    names = [kernel.name for kernel, _ in launches]
+    assert names.count("dequant_kernel") == 2, names  # forward, dx: once each
+    dense = [args for kernel, args in launches if kernel.name in ("fwd_kernel", "dx_kernel")]
+    assert dense and all(not args["NF4"] for args in dense)
+    del launches, dense
+    assert all(ref() is None for ref in copies)  # transient: nothing holds the copies
+    assert not any(v.shape == (OUT_F, layout[0]) and v.is_floating_point() for v in saved)
+    check(t, 0.1, 4, None, y, dy, grads, mask)

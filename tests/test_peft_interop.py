@@ -8,8 +8,8 @@ from _tiny_models import logits, options, perturb, tiny_llama, token_ids  # noqa
 from safetensors.torch import load_file, save_file
 
 from speclora_kernels import METHODS
-from speclora_kernels.integrations import (adapter_layers, export_peft_adapter, inject,
-                                           load_adapter, load_peft_adapter)
+from speclora_kernels.integrations import adapter_layers, inject
+from speclora_kernels.persistence import export_peft_adapter, load_adapter, load_peft_adapter
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 TOL = {"rtol": 1e-5, "atol": 1e-5}

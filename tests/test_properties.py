@@ -32,11 +32,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speclora_kernels import cpu, reference
+from conftest import forced_path
+from speclora_kernels import cpu
 from speclora_kernels.methods import METHODS
-from speclora_kernels.ops import dropout_keep_mask, dropout_seed, fused_adapter_linear
-from speclora_kernels.ops import autograd as op_autograd
-from speclora_kernels.ops import fused_linear as fl
+from speclora_kernels.ops import (dropout_keep_mask, dropout_seed, fused_adapter_linear,
+                                  reference_adapter_linear)
+from speclora_kernels.ops import autograd, recipe
 from speclora_kernels.quant import NF4Weight, dequantize_nf4
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -154,9 +155,9 @@ def _reference(case, mask):
                    v.detach().double()) for k, v in args.items()}
         for k in GRADS:
             ref[k].requires_grad_()
-        y = reference.fused_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
-                                           ref["scale"], ref["up"], case["p"], case["rd"],
-                                           case["rg"], mask=mask)
+        y = reference_adapter_linear(ref["x"], ref["weight"], ref["bias"], ref["down"],
+                                     ref["scale"], ref["up"], case["p"], case["rd"],
+                                     case["rg"], mask=mask)
         if dy is None:
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7),
                              dtype=torch.float64)
@@ -191,40 +192,25 @@ def _public_op(case, seed=1234):
     _compare(case, y, dict(zip(GRADS, grads)), y_ref, g_ref)
 
 
-@contextlib.contextmanager
 def _poisoned_outputs():
     """Every buffer a Triton kernel writes starts as NaN."""
-    empty = fl._empty
-    fl._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                         device=device)
-    try:
-        yield
-    finally:
-        fl._empty = empty
+    return recipe.filled_outputs(float("nan"))
 
 
 @contextlib.contextmanager
 def _triton_path(path):
     """The launcher's own choice ("auto") or a forced fused / split / segmented path
-    (segmented: the large-M one-launch kernels, pinned to 2 segments at these shapes)."""
-    chooser = fl.use_fused_path
-    if path != "auto":
-        fl.use_fused_path = lambda *shape, **kw: path == "fused"
-    try:
-        with fl.pinned_segments(2 if path == "segmented" else None):
-            yield
-    finally:
-        fl.use_fused_path = chooser
-
-
-@contextlib.contextmanager
-def _torch_path():
-    use = op_autograd._use_triton
-    op_autograd._use_triton = lambda *a, **k: False
-    try:
+    (segmented: the large-M one-launch kernels, 2 segments at these shapes, the
+    interpreter's tile as wide as the output)."""
+    if path == "auto":
         yield
-    finally:
-        op_autograd._use_triton = use
+        return
+    with forced_path(path, 2):
+        yield
+
+
+def _torch_path():
+    return autograd.cpu_path()
 
 
 # ----------------------------------------------------------------------------- properties
@@ -273,8 +259,8 @@ def _reference_property(case):
     mask = None
     if case["p"] > 0 and case["rd"] > 0:
         mask = torch.rand(t["x"].shape, generator=torch.Generator().manual_seed(3)) >= case["p"]
-    y = reference.fused_adapter_linear(t["x"], t["weight"], t["bias"], t["down"], t["scale"],
-                                       t["up"], case["p"], case["rd"], case["rg"], mask=mask)
+    y = reference_adapter_linear(t["x"], t["weight"], t["bias"], t["down"], t["scale"],
+                                 t["up"], case["p"], case["rd"], case["rg"], mask=mask)
     y_ref, dy, g_ref = _reference(case, mask)
     grads = torch.autograd.grad(y, [t[k] for k in GRADS], dy.to(y.dtype))
     _compare(case, y, dict(zip(GRADS, grads)), y_ref, g_ref)
@@ -373,7 +359,7 @@ def test_bad_input_raises_naming_the_argument():
             continue
         t = _good(dtype)
         t[name] = bad(t)
-        fn = reference.fused_adapter_linear if entry == "reference" else fused_adapter_linear
+        fn = reference_adapter_linear if entry == "reference" else fused_adapter_linear
         with _torch_path() if entry == "op-torch" else contextlib.nullcontext():
             with pytest.raises(exc, match=rf"^{name}\b"):
                 fn(**t)

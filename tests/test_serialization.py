@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import speclora_kernels.serialization as ser
+import speclora_kernels.persistence.container as container
 from speclora_kernels import (METHODS, AdapterFileError, AdapterLinear, load_layer_adapter,
-                              read_adapter_files, save_layer_adapter, write_adapter_files)
+                              save_layer_adapter)
+from speclora_kernels.persistence.container import read_container, write_container
+from speclora_kernels.persistence.schema import ADAPTER_FORMAT
 
 ALL = sorted(METHODS)
 OPTIONS = {"lora": {"alpha": 6}, "speclora": {"k": 4, "alpha": 6}}
@@ -82,6 +84,23 @@ def test_load_mismatch_names_the_field(other, field, tmp_path):
         load_layer_adapter(dst, tmp_path / "a")
 
 
+@pytest.mark.parametrize("method", ["speclora", "spectral_additive"])
+def test_file_without_svd_loads(method, tmp_path):
+    """Layer files written before svd was a saved option have no svd key: it is the one
+    option that need not match (it only chose how the saved factors were computed), so
+    the default is used."""
+    src = build(method, torch.nn.Linear(23, 17), svd="full")
+    perturb(src)
+    config = src.adapter_config()
+    assert config["svd"] == "full"
+    del config["svd"]
+    write_container(tmp_path / "a", src.adapter_tensors(), config, format=ADAPTER_FORMAT)
+    dst = build(method, torch.nn.Linear(23, 17), svd="randomized")
+    load_layer_adapter(dst, tmp_path / "a")
+    for name, t in src.adapter_tensors().items():
+        assert torch.equal(bits(dst.adapter_tensors()[name]), bits(t)), name
+
+
 def test_json_copy_edit_warns_and_committed_config_wins(tmp_path):
     """The .json is a readable copy: an edit (or a save interrupted between its two
     renames) is reported and ignored; the config committed with the tensors is used."""
@@ -108,7 +127,7 @@ def test_embedded_config_edit_fails_checksum(tmp_path):
     assert blob.count(b'\\"alpha\\": 6.0') == 1  # inside the embedded config string
     open(st_path, "wb").write(blob.replace(b'\\"alpha\\": 6.0', b'\\"alpha\\": 7.0'))
     with pytest.raises(AdapterFileError, match="a.safetensors: checksum mismatch"):
-        read_adapter_files(tmp_path / "a")
+        read_container(tmp_path / "a", format=ADAPTER_FORMAT)
     with pytest.raises(AdapterFileError, match="saved adapter has alpha=7.0"):
         load_layer_adapter(layer, tmp_path / "a")  # caught earlier, by the layer's config
 
@@ -130,7 +149,7 @@ def test_layer_config_schema(edit, message, tmp_path):
     layer = build("lora", torch.nn.Linear(23, 17))
     config = layer.adapter_config()
     edit(config)
-    write_adapter_files(tmp_path / "a", layer.adapter_tensors(), config)
+    write_container(tmp_path / "a", layer.adapter_tensors(), config, format=ADAPTER_FORMAT)
     before = layer.adapter.A.clone()
     with pytest.raises(AdapterFileError, match=message):
         load_layer_adapter(build("lora", torch.nn.Linear(23, 17)), tmp_path / "a")
@@ -168,7 +187,7 @@ def test_load_other_factors_rebases_residual(method, tmp_path):
     for name in t:
         if name not in ("P", "sigma", "Q"):
             t[name] = torch.randn_like(t[name])
-    write_adapter_files(tmp_path / "a", t, src.adapter_config())
+    write_container(tmp_path / "a", t, src.adapter_config(), format=ADAPTER_FORMAT)
 
     dst = build(method, lin)
     load_layer_adapter(dst, tmp_path / "a")
@@ -195,13 +214,13 @@ def test_write_read_generic_bit_exact(tmp_path):
         "f64": torch.randn(3, dtype=torch.float64),
         "codes": torch.randint(0, 255, (7,), dtype=torch.uint8),
     }
-    write_adapter_files(tmp_path / "x.safetensors", tensors, {"note": "any config"})
-    got, cfg = read_adapter_files(tmp_path / "x")
+    write_container(tmp_path / "x.safetensors", tensors, {"note": "any config"}, format="test")
+    got, cfg = read_container(tmp_path / "x", format="test")
     assert cfg["note"] == "any config"
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(bits(got[name]), bits(t))
     with pytest.raises(TypeError, match=r"not tensors: \['x'\]"):
-        write_adapter_files(tmp_path / "y", {"x": [1.0]}, {})
+        write_container(tmp_path / "y", {"x": [1.0]}, {}, format="test")
 
 
 def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
@@ -213,7 +232,7 @@ def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ser.os, "replace", fail)
+    monkeypatch.setattr(container.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_layer_adapter(layer, tmp_path / "a")
     assert open(st_path, "rb").read() == before
@@ -246,7 +265,7 @@ def test_write_failing_after_partial_bytes_keeps_old_files(tmp_path, monkeypatch
             self.f.flush()
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(ser.os, "fdopen", lambda fd, mode: HalfWriter(fdopen(fd, mode)))
+    monkeypatch.setattr(container.os, "fdopen", lambda fd, mode: HalfWriter(fdopen(fd, mode)))
     with pytest.raises(OSError, match="No space left"):
         save_layer_adapter(layer, tmp_path / "a")
     assert (open(st_path, "rb").read(), open(json_path, "rb").read()) == before
@@ -272,7 +291,7 @@ def test_crash_between_the_two_renames_loads_the_new_adapter(tmp_path, monkeypat
             raise OSError("killed")
         replace(src, dst)
 
-    monkeypatch.setattr(ser.os, "replace", second_fails)
+    monkeypatch.setattr(container.os, "replace", second_fails)
     with pytest.raises(OSError, match="killed"):
         save_layer_adapter(layer, tmp_path / "a")
     assert calls[0].endswith("a.safetensors") and calls[1].endswith("a.json")
@@ -287,11 +306,11 @@ def test_crash_between_the_two_renames_loads_the_new_adapter(tmp_path, monkeypat
 
 _SAVER = """
 import sys, torch
-from speclora_kernels import write_adapter_files
+from speclora_kernels.persistence import write_container
 path = sys.argv[1]
 for version in range(1, 10**6):
     tensors = {f"t{i}": torch.full((256, 1024), float(version)) for i in range(8)}  # 8 MiB
-    write_adapter_files(path, tensors, {"version": version})
+    write_container(path, tensors, {"version": version}, format="test")
     print(version, flush=True)
 """
 
@@ -324,7 +343,7 @@ def test_killed_mid_save_keeps_a_complete_adapter(tmp_path):
         proc.wait()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the .json copy may be stale
-        tensors, config = read_adapter_files(path)
+        tensors, config = read_container(path, format="test")
     assert config["version"] in (announced, announced + 1)
     assert all(bool((t == config["version"]).all()) for t in tensors.values())
     junk = set(os.listdir(tmp_path)) - {"a.json", "a.safetensors"}
@@ -339,3 +358,16 @@ def test_saves_are_byte_reproducible(tmp_path):
     blob = blobs.pop()
     n = int.from_bytes(blob[:8], "little")
     assert n % 8 == 0 and json.loads(blob[8:8 + n])  # aligned data, plain JSON header
+
+
+def test_round_trip_randomized_svd_layer(tmp_path):
+    """A layer large enough for the randomized SVD (min(out, in) > 1024): the loader builds
+    the method on a meta weight to learn its tensors, which must not need a real RNG."""
+    lin = torch.nn.Linear(1100, 1040, bias=False)
+    src = AdapterLinear.from_linear(lin, "spectral_additive", r=2, svd="randomized")
+    perturb(src)
+    save_layer_adapter(src, tmp_path / "big")
+    dst = AdapterLinear.from_linear(lin, "spectral_additive", r=2, svd="randomized")
+    load_layer_adapter(dst, tmp_path / "big")
+    for name, t in src.adapter_tensors().items():
+        assert torch.equal(bits(dst.adapter_tensors()[name]), bits(t)), name

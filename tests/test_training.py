@@ -6,8 +6,8 @@ import pytest
 import torch
 from _tiny_models import VOCAB, logits, perturb, tiny_llama, token_ids  # noqa: F401
 
-from speclora_kernels.integrations import (adapter_layers, inject, load_adapter,
-                                           merge_and_unload, save_adapter)
+from speclora_kernels.integrations import adapter_layers, inject, merge_and_unload
+from speclora_kernels.persistence import load_adapter, save_adapter
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant.nf4 import NF4Weight
+from ..quant.nf4 import NF4Weight, decode_dtype
 from . import fallback
 
 __all__ = ["load", "is_available", "build_directory", "isa", "adapter_forward",
@@ -144,76 +144,82 @@ def _native(x: torch.Tensor, weight) -> bool:
         weight.dtype == acc or (weight.dtype in (torch.float16, torch.bfloat16) and acc == torch.float32))
 
 
-def _nf4_args(w: NF4Weight) -> tuple:
+def _nf4_args(w: NF4Weight, nf4_dtype) -> tuple:
     return (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize, w.nested_blocksize,
-            w.out_features, w.dtype)
+            w.out_features, w.dtype if nf4_dtype is None else nf4_dtype)
 
 
 def adapter_forward(x, weight, bias, down, scale, up, keep=None, dropout_p: float = 0.0,
-                    drop_rows: int = 0, save_t: bool = True):
-    """``(y, t)`` for 2-D ``x`` (M, in); ``weight`` is a dense (out, in) tensor or an ``NF4Weight``.
+                    dropout_rows: int = 0, save_t: bool = True, nf4_dtype=None):
+    """``(y, t)`` for 2-D ``x`` (M, in); ``weight`` is a dense (out, in) tensor or an ``NF4Weight``,
+    whose decoded values are rounded to ``nf4_dtype`` (default: the weight's own dtype).
 
     ``keep``: bool keep-mask shaped like ``x`` (from :func:`keep_mask` or ``dropout_keep_mask``)
-    applied with ``1 / (1 - dropout_p)`` to the input of the first ``drop_rows`` rows of
+    applied with ``1 / (1 - dropout_p)`` to the input of the first ``dropout_rows`` rows of
     ``down``; None means no dropout. ``t = x' @ down.T`` (fp32, fp64 for fp64 x) is returned
     when ``save_t`` (else an empty (0, R) tensor). Not differentiable by itself: the autograd
     Function calls :func:`adapter_backward`.
     """
     if not _native(x, weight):
-        return fallback.forward(x, weight, bias, down, scale, up, keep, dropout_p, drop_rows, save_t)
+        return fallback.forward(x, weight, bias, down, scale, up, keep, dropout_p, dropout_rows, save_t,
+                                nf4_dtype)
     if isinstance(weight, NF4Weight):
-        return torch.ops.speclora_cpu.nf4_fwd(x, *_nf4_args(weight), bias, down, scale, up, keep,
-                                              float(dropout_p), int(drop_rows), bool(save_t))
+        return torch.ops.speclora_cpu.nf4_fwd(x, *_nf4_args(weight, nf4_dtype), bias, down, scale, up, keep,
+                                              float(dropout_p), int(dropout_rows), bool(save_t))
     return torch.ops.speclora_cpu.dense_fwd(x, weight, bias, down, scale, up, keep,
-                                            float(dropout_p), int(drop_rows), bool(save_t))
+                                            float(dropout_p), int(dropout_rows), bool(save_t))
 
 
 def adapter_backward(dy, x, weight, down, scale, up, t, keep=None, dropout_p: float = 0.0,
-                     drop_rows: int = 0, grad_rows: int | None = None, need_dx: bool = True,
-                     need_ddown: bool = True, need_dscale: bool = True, need_dup: bool = True):
+                     dropout_rows: int = 0, grad_rows: int | None = None, need_dx: bool = True,
+                     need_ddown: bool = True, need_dscale: bool = True, need_dup: bool = True,
+                     nf4_dtype=None):
     """``(dx, d_down, d_scale, d_up)``; a gradient not asked for is an empty tensor.
 
     Only the first ``grad_rows`` rows of ``down`` / columns of ``up`` get gradient (the rest
     zeros); ``t`` is the forward's (needed for ``d_scale`` and ``d_up``).
     """
     grad_rows = down.shape[0] if grad_rows is None else int(grad_rows)
-    args = (t, keep, float(dropout_p), int(drop_rows), grad_rows, bool(need_dx),
+    args = (t, keep, float(dropout_p), int(dropout_rows), grad_rows, bool(need_dx),
             bool(need_ddown), bool(need_dscale), bool(need_dup))
     if not _native(x, weight):
-        return fallback.backward(dy, x, weight, down, scale, up, *args)
+        return fallback.backward(dy, x, weight, down, scale, up, *args, nf4_dtype)
     if isinstance(weight, NF4Weight):
-        return torch.ops.speclora_cpu.nf4_bwd(dy, x, *_nf4_args(weight), down, scale, up, *args)
+        return torch.ops.speclora_cpu.nf4_bwd(dy, x, *_nf4_args(weight, nf4_dtype), down, scale, up,
+                                              *args)
     return torch.ops.speclora_cpu.dense_bwd(dy, x, weight, down, scale, up, *args)
 
 
 def keep_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     """Dropout keep-mask for an input of 2-D ``shape``, bit-identical to
-    ``ops.dropout.dropout_keep_mask(seed, shape, p)`` (Philox, as the Triton kernels draw it)."""
+    ``dropout.dropout_keep_mask(seed, shape, p)`` (Philox, as the Triton kernels draw it)."""
     rows, cols = (int(s) for s in shape)
     if torch.device(device or "cpu").type == "cpu" and load():
         return torch.ops.speclora_cpu.keep_mask(int(seed), rows, cols, float(p))
-    from ..ops.dropout import dropout_keep_mask
+    from ..dropout import dropout_keep_mask
 
     return dropout_keep_mask(seed, (rows, cols), p, device=device)
 
 
 # ---- the op's CPU path (ops/autograd.py): a seed instead of a mask
-def _seeded_keep(seed, x, dropout_p, drop_rows):
-    return keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and drop_rows > 0 else None
+def _seeded_keep(seed, x, dropout_p, dropout_rows):
+    return keep_mask(seed, x.shape, dropout_p, x.device) if seed is not None and dropout_rows > 0 else None
 
 
-def forward(x, weight, bias, down, scale, up, seed, dropout_p, drop_rows, save_t):
+def forward(x, weight, bias, down, scale, up, seed, dropout_p, dropout_rows, save_t):
     """``(y, t)`` as the op's custom forward returns them; dropout iff ``seed`` is
-    given and ``drop_rows > 0``."""
-    keep = _seeded_keep(seed, x, dropout_p, drop_rows)
+    given and ``dropout_rows > 0``. An NF4 base is decoded to x's dtype, as the kernels
+    round their tiles."""
+    keep = _seeded_keep(seed, x, dropout_p, dropout_rows)
     return adapter_forward(x, weight, bias, down, scale, up, keep, dropout_p,
-                           drop_rows if keep is not None else 0, save_t)
+                           dropout_rows if keep is not None else 0, save_t,
+                           decode_dtype(x.dtype))
 
 
-def backward(dy, x, weight, down, scale, up, t, seed, dropout_p, drop_rows, grad_rows, need_dx,
+def backward(dy, x, weight, down, scale, up, t, seed, dropout_p, dropout_rows, grad_rows, need_dx,
              need_ddown, need_dscale, need_dup):
     """``(dx, d_down, d_scale, d_up)`` as the op's custom backward returns them."""
-    keep = _seeded_keep(seed, x, dropout_p, drop_rows)
+    keep = _seeded_keep(seed, x, dropout_p, dropout_rows)
     return adapter_backward(dy, x, weight, down, scale, up, t, keep, dropout_p,
-                            drop_rows if keep is not None else 0, grad_rows, need_dx,
-                            need_ddown, need_dscale, need_dup)
+                            dropout_rows if keep is not None else 0, grad_rows, need_dx,
+                            need_ddown, need_dscale, need_dup, decode_dtype(x.dtype))

@@ -1,14 +1,11 @@
-"""Whole-model integration: inject adapters into a model, save/load them, PEFT interop.
+"""Whole-model integration: inject adapters into a model, merge them back, count parameters.
 
-Needs only torch; transformers, peft, bitsandbytes and tqdm are used when present.
+Needs only torch; transformers, bitsandbytes and tqdm are used when present. Saving and
+loading adapters is :mod:`speclora_kernels.persistence`; FSDP2 sharding is :mod:`.fsdp`.
 """
-from .adapter_files import load_adapter, save_adapter
-from .checkpoint import load_checkpoint, save_checkpoint
+from .fsdp import fully_shard_model, prepare_fsdp
 from .inject import (adapter_layers, count_parameters, find_targets, inject, merge_and_unload,
                      parameter_summary)
-from .peft_interop import export_peft_adapter, load_peft_adapter
 
 __all__ = ["inject", "merge_and_unload", "find_targets", "adapter_layers", "count_parameters",
-           "parameter_summary", "save_adapter", "load_adapter", "export_peft_adapter",
-           "load_peft_adapter"]
-__all__ += ["save_checkpoint", "load_checkpoint"]
+           "parameter_summary", "fully_shard_model", "prepare_fsdp"]

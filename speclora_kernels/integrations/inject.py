@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..methods import get_method
-from ..methods.base import check_rank
+from ..methods.base import resolve_adapter_dtype
 from ..modules import AdapterLinear
 
 ALL_LINEAR = "all-linear"
@@ -145,30 +145,32 @@ def base_fingerprint(module: nn.Module) -> str:
 # ---------------------------------------------------------------- inject
 def _build_layer(name: str, module: nn.Linear, spec: dict, shared, generator) -> AdapterLinear:
     """``AdapterLinear.from_linear`` for one layer; errors name the layer."""
-    opts = {key: spec.get(key) for key in ("k", "alpha", "svd", "adapter_dtype")}
-    if spec.get("quantize") is not None:
-        opts["quantize"] = spec["quantize"]
+    options = dict(spec.get("options") or {})
+    if shared is not None:
+        options["shared"] = shared
     try:
-        layer = AdapterLinear.from_linear(module, spec["method"], spec["r"],
-                                          dropout=spec.get("dropout", 0.0), shared=shared,
-                                          generator=generator, **opts)
+        return AdapterLinear.from_linear(module, spec["method"], dropout=spec.get("dropout", 0.0),
+                                         adapter_dtype=spec.get("adapter_dtype"),
+                                         quantize=spec.get("quantize"), generator=generator,
+                                         **options)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{name}: {err}") from err
-    return layer
 
 
-def _check_shapes(modules: dict, specs: dict[str, dict]) -> None:
-    """The per-layer checks ``from_linear`` would fail on mid-way (ranks against each layer's
-    shape, PiCa groups' shapes), for every layer before any is replaced."""
+def _check_specs(modules: dict, specs: dict[str, dict]) -> None:
+    """The per-layer checks ``from_linear`` would fail on mid-way (the method, its options
+    against each layer's shape, PiCa groups' shapes), for every layer before any is
+    replaced."""
     for name, spec in specs.items():
         module = modules[name]
-        limit = min(module.in_features, module.out_features)
-        for key in ("r", "k"):
-            if spec.get(key) is not None:
-                try:
-                    check_rank(key, spec[key], limit)
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"{name}: {err}") from err
+        try:
+            method = get_method(spec["method"])
+            dtype = resolve_adapter_dtype(module.weight, spec.get("adapter_dtype"))
+            method.resolve_options((module.out_features, module.in_features),
+                                   spec.get("options") or {}, dtype=dtype,
+                                   device=module.weight.device)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from err
         owner = spec.get("share_with")
         if owner is not None and modules[owner].out_features != module.out_features:
             raise ValueError(f"{name}: a PiCa layer shares M with {owner}, so both need the "
@@ -177,22 +179,22 @@ def _check_shapes(modules: dict, specs: dict[str, dict]) -> None:
 
 
 def adapt_layers(model: nn.Module, specs: dict[str, dict], *, generator=None,
-                 fingerprints: dict[str, str] | None = None, verbose: bool = True) -> nn.Module:
+                 fingerprints: dict[str, str] | None = None, verbose: bool = False) -> nn.Module:
     """Replace each named linear module by an ``AdapterLinear`` built from its spec (keys:
-    ``method``, ``r``, optional ``k``, ``alpha``, ``dropout``, ``svd``, ``adapter_dtype``,
-    ``quantize``, ``share_with`` = name of an earlier PiCa layer whose ``M`` it shares), then
-    freeze every parameter that is not an adapter's. The building block of :func:`inject`,
-    ``load_adapter`` and ``load_peft_adapter``.
+    ``method``, ``options`` = the method's options as ``from_linear`` takes them, optional
+    ``dropout``, ``adapter_dtype``, ``quantize``, ``share_with`` = name of an earlier PiCa
+    layer whose ``M`` it shares), then freeze every parameter that is not an adapter's. The
+    building block of :func:`inject`, ``load_adapter`` and ``load_peft_adapter``.
 
-    Options and ranks are checked for every layer before the first is replaced; layers are
-    then replaced one at a time, so a ``spectral_*`` base (a new ``W_res``) never coexists
-    with every original weight.
+    Methods and options are checked for every layer before the first is replaced; layers
+    are then replaced one at a time, so a ``spectral_*`` base (a new ``W_res``) never
+    coexists with every original weight. ``verbose``: a tqdm bar while SVDs are computed.
     """
     model = unwrap(model)
     modules = dict(model.named_modules())
     names = list(specs)
-    _check_shapes(modules, specs)
-    needs_svd = any("svd" in get_method(s["method"]).options for s in specs.values())
+    _check_specs(modules, specs)
+    needs_svd = any("svd" in get_method(s["method"]).option_names() for s in specs.values())
     bar = _progress(len(names), f"SVD + inject ({len(names)} layers)", verbose and needs_svd)
     try:
         for name in names:
@@ -204,8 +206,7 @@ def adapt_layers(model: nn.Module, specs: dict[str, dict], *, generator=None,
             layer = _build_layer(name, module, spec, shared, generator)
             layer.train(module.training)  # a new module is in training mode; keep the model's
             layer.inject_meta = {"fingerprint": fingerprint, "source": type(module).__name__,
-                                 "svd": spec.get("svd"), "quantize": spec.get("quantize"),
-                                 "share_with": spec.get("share_with")}
+                                 "quantize": spec.get("quantize")}
             _set_submodule(model, name, layer)
             modules[name] = layer
             if bar is not None:
@@ -236,11 +237,10 @@ def freeze_non_adapter(model: nn.Module) -> None:
         p.requires_grad_(id(p) in trainable)
 
 
-def inject(model: nn.Module, method: str = "speclora", target_modules=None, r: int = 8,
-           k: int | None = None, alpha: float | None = None, dropout: float = 0.0, *,
-           exclude_modules=None, svd: str | None = None,
-           adapter_dtype: torch.dtype | None = None, quantize: str | None = None,
-           generator: torch.Generator | None = None, verbose: bool = True) -> nn.Module:
+def inject(model: nn.Module, method: str, target_modules, *, exclude_modules=None,
+           dropout: float = 0.0, adapter_dtype: torch.dtype | None = None,
+           quantize: str | None = None, generator: torch.Generator | None = None,
+           verbose: bool = False, **options) -> nn.Module:
     """Replace the target linear layers of ``model`` by ``AdapterLinear`` (in place) and
     freeze every other parameter; returns ``model``.
 
@@ -249,18 +249,20 @@ def inject(model: nn.Module, method: str = "speclora", target_modules=None, r: i
         target_modules: as PEFT's ``LoraConfig.target_modules``: a list of module names or
             name suffixes (``["q_proj", "v_proj"]``), a regex string matched against the
             whole name, or ``"all-linear"``. ``exclude_modules`` takes the same forms.
-        r, k, alpha, dropout, svd, adapter_dtype, generator: per layer, as in
-            :meth:`AdapterLinear.from_linear` (options a method does not use raise).
+        options: the method's options (``r``, ``k``, ``alpha``, ``svd``, ...), per layer,
+            as in :meth:`AdapterLinear.from_linear` (options a method does not use raise).
+        dropout, adapter_dtype, generator: per layer, as in ``from_linear``.
         quantize: passed to ``from_linear`` (``"nf4"`` quantizes a dense base) when given.
         verbose: show a tqdm bar while the layers' SVDs are computed and print the
-            trainable-parameter summary.
+            trainable-parameter summary; otherwise ``inject`` prints nothing.
 
     ``pica`` layers share one ``M`` per :func:`share_key` group (every ``q_proj`` of every
     block). ``inject`` may be called again for other targets (e.g. another method on the
     MLP); all adapters stay trainable.
     """
+    get_method(method)
     names = find_targets(model, target_modules, exclude_modules)
-    spec = {"method": method, "r": r, "k": k, "alpha": alpha, "dropout": dropout, "svd": svd,
+    spec = {"method": method, "options": options, "dropout": dropout,
             "adapter_dtype": adapter_dtype, "quantize": quantize}
     specs, first_of_group = {}, {}
     for name in names:

@@ -1,4 +1,4 @@
-"""What every adapter method provides to the layer, and the argument checks they share.
+"""What every adapter method provides to the layer.
 
 A method is an ``nn.Module`` built from the pre-trained weight ``W0`` (out x in). It holds
 its trainable parameters and frozen spectral factors (persistent buffers) and turns them
@@ -11,32 +11,34 @@ adapter, ``W_res = W0 - P_r diag(sigma_r) Q_r.T``.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
+import contextvars
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .assembly import Computed, OpSpec
+from .options import Option, OptionContext
 from .svd import top_singular
 
 ADAPTER_DTYPES = (torch.float32, torch.float64)
+_DEFER_SVD = contextvars.ContextVar("speclora_kernels_defer_svd", default=False)
 
 
-def check_rank(name: str, value, limit: int) -> int:
-    """``value`` as an int in ``[1, limit]``; ``limit`` is ``min(out, in)``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= value <= limit:
-        raise ValueError(f"{name} must be in [1, min(out_features, in_features)={limit}], "
-                         f"got {value}")
-    return value
-
-
-def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    return float(alpha)
+@contextlib.contextmanager
+def deferred_svd():
+    """Methods built in this block register their frozen spectral factors as NaN
+    placeholders and compute no SVD; ``compute_svd(weight)`` fills them later. For callers
+    that may load saved factors over them (the PEFT layers), so that an SVD is never
+    computed only to be thrown away, and never replaces the factors an adapter was
+    trained with."""
+    token = _DEFER_SVD.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_SVD.reset(token)
 
 
 def resolve_adapter_dtype(weight: torch.Tensor, adapter_dtype) -> torch.dtype:
@@ -53,29 +55,90 @@ def resolve_adapter_dtype(weight: torch.Tensor, adapter_dtype) -> torch.dtype:
 class AdapterMethod(nn.Module):
     """Base class of the methods in :data:`speclora_kernels.methods.METHODS`.
 
-    Subclasses set ``name``, ``options`` (the ``from_linear`` keyword arguments they take)
-    and ``replaces_base``, and in ``__init__`` the ints ``rank`` (R), ``dropout_rows``
-    (leading rows of D that are trainable down rows and see LoRA dropout) and
-    ``grad_rows`` (leading rows of D / columns of U that receive gradient).
+    Subclasses set ``name``, ``options`` (the :class:`Option` declarations of the keyword
+    arguments they take), ``replaces_base`` and ``takes_dropout``, and in ``__init__``
+    (after ``super().__init__(weight, **options)``) the ints ``rank`` (R),
+    ``dropout_rows`` (leading rows of D that are trainable down rows and see LoRA dropout)
+    and ``grad_rows`` (leading rows of D / columns of U that receive gradient).
+
+    ``__init__`` resolves the given options against the declaration (unknown options and
+    bad values raise, naming the option), sets each saved option as an attribute
+    (``self.r``, ``self.alpha``, ...) and keeps the runtime-only ones in
+    ``self.runtime_options`` for the subclass to take.
     """
 
     name: ClassVar[str]
-    options: ClassVar[tuple[str, ...]]
+    options: ClassVar[tuple[Option, ...]] = ()
     replaces_base: ClassVar[bool] = False
+    # Whether the method has a trainable down path that LoRA dropout acts on
+    # (dropout_rows > 0).
+    takes_dropout: ClassVar[bool] = False
 
-    def __init__(self, weight: torch.Tensor, r: int, adapter_dtype=None):
+    def __init__(self, weight: torch.Tensor, *, adapter_dtype=None, generator=None,
+                 **options):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.r = check_rank("r", r, min(weight.shape))
         self._dtype = resolve_adapter_dtype(weight, adapter_dtype)
+        values = self.resolve_options(tuple(weight.shape), options, dtype=self._dtype,
+                                      device=weight.device)
+        self.runtime_options = {}
+        for option in self.options:
+            if option.saved:
+                setattr(self, option.name, values[option.name])
+            else:
+                self.runtime_options[option.name] = values[option.name]
         self.rank = self.dropout_rows = self.grad_rows = 0
+
+    # -- options
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(option.name for option in cls.options)
+
+    @classmethod
+    def saved_options(cls) -> tuple[Option, ...]:
+        return tuple(option for option in cls.options if option.saved)
+
+    @classmethod
+    def check_option_names(cls, given: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for a given (not None) option the method does not declare."""
+        names = cls.option_names()
+        for name, value in given.items():
+            if value is not None and name not in names:
+                raise ValueError(f"{name} is not used by method={cls.name!r} "
+                                 f"(it takes {', '.join(names)})")
+
+    @classmethod
+    def resolve_options(cls, shape: tuple[int, int], given: Mapping[str, Any], *,
+                        dtype: torch.dtype = torch.float32, device="meta") -> dict[str, Any]:
+        """Every declared option's value for a weight of ``shape`` (out, in): the given one
+        checked, or the default where it is not given (or None)."""
+        cls.check_option_names(given)
+        values: dict[str, Any] = {}
+        for option in cls.options:
+            context = OptionContext(shape[0], shape[1], dtype, torch.device(device),
+                                    dict(values))
+            values[option.name] = option.resolve(given.get(option.name), context)
+        return values
 
     def _new(self, *shape, like: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(torch.zeros(*shape, dtype=self._dtype, device=like.device))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(D, s, U)`` in the adapter dtype, differentiable w.r.t. the parameters."""
+        """``(D, s, U)`` in the adapter dtype, differentiable w.r.t. the parameters. They
+        must depend on the method's parameters and buffers only: the layer caches what it
+        builds from them by their version counters."""
         raise NotImplementedError
+
+    def op_spec(self) -> OpSpec:
+        """How the layer builds the op's factors (see :mod:`.assembly`): by default one
+        group computed by :meth:`factors`."""
+        return OpSpec(rows=((Computed("D"), Computed("s"), Computed("U")),))
+
+    def op_computed(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The :class:`~.assembly.Computed` elements of :meth:`op_spec` by name, from the
+        stacked parameters and frozen tensors it declares (``tensors``, by name)."""
+        down, scale, up = self.factors()
+        return {"D": down, "s": scale, "U": up}
 
     def base_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The layer's frozen base built from the pre-trained ``weight``: ``weight`` itself
@@ -90,16 +153,11 @@ class AdapterMethod(nn.Module):
         """The term ``W0 - base`` this method took out of the base (None if the base is W0)."""
         return None
 
-    def delta_weight(self) -> torch.Tensor:
-        """``U diag(s) D`` (out x in) in float32 or better, without gradient."""
-        with torch.no_grad():
-            down, scale, up = self.factors()
-            acc = torch.promote_types(down.dtype, torch.float32)
-            return (up.to(acc) * scale.to(acc)) @ down.to(acc)
-
     def config(self) -> dict:
-        """Hyper-parameters that fix the shapes and meaning of the state (for save/load)."""
-        return {"method": self.name, "r": self.r, "rank": self.rank}
+        """What fixes the shapes and meaning of the state (for save/load): the method, its
+        rank R and every saved option."""
+        return {"method": self.name, "rank": self.rank,
+                **{option.name: getattr(self, option.name) for option in self.saved_options()}}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -107,11 +165,36 @@ class AdapterMethod(nn.Module):
 
 class SpectralBuffers:
     """Mixin: registers the top singular triplets of ``W0`` as persistent buffers
-    ``P`` (out x n), ``sigma`` (n), ``Q`` (in x n), in the adapter dtype."""
+    ``P`` (out x n), ``sigma`` (n), ``Q`` (in x n), in the adapter dtype.
+
+    Built under :func:`deferred_svd`, the buffers are NaN placeholders and ``svd_pending``
+    is set until :meth:`compute_svd` (or a caller that loads saved factors) clears it."""
+
+    svd_pending: tuple | None = None  # (n, svd, keep, generator) while the SVD is deferred
 
     def _register_svd(self, weight: torch.Tensor, n: int, svd: str, generator,
                       keep=("P", "sigma", "Q")) -> None:
+        if _DEFER_SVD.get():
+            shapes = {"P": (weight.shape[0], n), "sigma": (n,), "Q": (weight.shape[1], n)}
+            for name in keep:
+                self.register_buffer(name, torch.full(shapes[name], float("nan"),
+                                                      dtype=self._dtype, device=weight.device))
+            self.svd_pending = (n, svd, tuple(keep), generator)
+            return
         p, sigma, q = top_singular(weight, n, svd=svd, dtype=self._dtype, generator=generator)
         for name, t in zip(("P", "sigma", "Q"), (p, sigma, q)):
             if name in keep:
                 self.register_buffer(name, t)
+
+    @torch.no_grad()
+    def compute_svd(self, weight: torch.Tensor) -> None:
+        """Fill the factors deferred by :func:`deferred_svd` from the pre-trained ``weight``
+        (in place, on the buffers' device); nothing to do if they are not pending."""
+        if self.svd_pending is None:
+            return
+        n, svd, keep, generator = self.svd_pending
+        computed = top_singular(weight, n, svd=svd, dtype=self._dtype, generator=generator)
+        for name, t in zip(("P", "sigma", "Q"), computed):
+            if name in keep:
+                getattr(self, name).copy_(t)
+        self.svd_pending = None

@@ -6,7 +6,9 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterMethod, check_alpha
+from .assembly import Frozen, OpSpec, Param
+from .base import AdapterMethod
+from .options import ALPHA, RANK
 
 
 def lora_init(a: nn.Parameter, b: nn.Parameter, generator=None) -> None:
@@ -24,12 +26,12 @@ class LoRA(AdapterMethod):
     """
 
     name = "lora"
-    options = ("r", "alpha")
+    options = (RANK, ALPHA)
+    takes_dropout = True
 
-    def __init__(self, weight: torch.Tensor, *, r: int, alpha: float | None = None,
-                 adapter_dtype=None, generator=None):
-        super().__init__(weight, r, adapter_dtype)
-        self.alpha = check_alpha(r if alpha is None else alpha)
+    def __init__(self, weight: torch.Tensor, *, generator=None, **options):
+        super().__init__(weight, **options)
+        r = self.r
         self.A = self._new(r, self.in_features, like=weight)
         self.B = self._new(self.out_features, r, like=weight)
         self.register_buffer("lora_scale", torch.full((r,), self.alpha / r, dtype=self._dtype,
@@ -43,5 +45,5 @@ class LoRA(AdapterMethod):
     def factors(self):
         return self.A, self.lora_scale, self.B
 
-    def config(self) -> dict:
-        return {**super().config(), "alpha": self.alpha}
+    def op_spec(self):
+        return OpSpec(rows=((Param("A"), Frozen("lora_scale"), Param("B")),))

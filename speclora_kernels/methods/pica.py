@@ -12,7 +12,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .assembly import Frozen, OpSpec, Param, transpose
 from .base import AdapterMethod, SpectralBuffers
+from .options import RANK, SVD, Option, OptionContext
+
+
+def check_shared(shared, context: OptionContext) -> nn.Parameter | None:
+    """PiCa's ``shared``: None (a new ``M``) or the ``M`` of another PiCa layer, which must
+    have this layer's adapter dtype, shape ``(out_features, r)`` and device."""
+    if shared is None:
+        return None
+    if not isinstance(shared, nn.Parameter):
+        raise TypeError(f"shared must be the nn.Parameter M of another pica layer, "
+                        f"got {type(shared).__name__}")
+    if shared.dtype != context.dtype:
+        raise TypeError(f"shared must have the adapter dtype {context.dtype}, got {shared.dtype}")
+    expected = (context.out_features, context.values["r"])
+    if tuple(shared.shape) != expected:
+        raise ValueError(f"shared must have shape (out_features, r)={expected}, "
+                         f"got {tuple(shared.shape)}")
+    if shared.device != context.device:
+        raise ValueError(f"shared is on {shared.device} but the weight is on "
+                         f"{context.device}; they must share one device")
+    return shared
+
+
+SHARED = Option("shared", check_shared, saved=False,
+                help="the adapter.M of another pica layer to share (runtime only: files "
+                     "record the sharing as share_with)")
 
 
 class PiCa(SpectralBuffers, AdapterMethod):
@@ -23,35 +50,20 @@ class PiCa(SpectralBuffers, AdapterMethod):
     """
 
     name = "pica"
-    options = ("r", "svd", "shared")
+    options = (RANK, SVD, SHARED)
 
-    def __init__(self, weight: torch.Tensor, *, r: int, svd: str = "auto",
-                 shared: nn.Parameter | None = None, adapter_dtype=None, generator=None):
-        super().__init__(weight, r, adapter_dtype)
-        if shared is None:
-            self.M = self._new(self.out_features, r, like=weight)
-        else:
-            self.M = self._check_shared(shared, weight)
-        self._register_svd(weight, r, svd, generator, keep=("Q",))
+    def __init__(self, weight: torch.Tensor, *, generator=None, **options):
+        super().__init__(weight, **options)
+        r, shared = self.r, self.runtime_options.pop("shared")
+        self.M = self._new(self.out_features, r, like=weight) if shared is None else shared
+        self._register_svd(weight, r, self.svd, generator, keep=("Q",))
         self.register_buffer("ones", torch.ones(r, dtype=self._dtype, device=weight.device),
                              persistent=False)
         self.rank = self.grad_rows = r
         self.dropout_rows = 0
 
-    def _check_shared(self, shared, weight: torch.Tensor) -> nn.Parameter:
-        if not isinstance(shared, nn.Parameter):
-            raise TypeError(f"shared must be the nn.Parameter M of another pica layer, "
-                            f"got {type(shared).__name__}")
-        if shared.dtype != self._dtype:
-            raise TypeError(f"shared must have the adapter dtype {self._dtype}, got {shared.dtype}")
-        expected = (self.out_features, self.r)
-        if tuple(shared.shape) != expected:
-            raise ValueError(f"shared must have shape (out_features, r)={expected}, "
-                             f"got {tuple(shared.shape)}")
-        if shared.device != weight.device:
-            raise ValueError(f"shared is on {shared.device} but the weight is on "
-                             f"{weight.device}; they must share one device")
-        return shared
-
     def factors(self):
         return self.Q.T, self.ones, self.M
+
+    def op_spec(self):
+        return OpSpec(rows=((Frozen("Q", build=transpose), Frozen("ones"), Param("M")),))

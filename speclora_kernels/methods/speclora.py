@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterMethod, SpectralBuffers, check_alpha, check_rank
+from .assembly import Frozen, OpSpec, Param, transpose
+from .base import AdapterMethod, SpectralBuffers
 from .lora import lora_init
+from .options import ALPHA, RANK, SVD, Option, rank_check
+
+K = Option("k", rank_check("k"), default=16,
+           help="number of top singular values that get a learnable mask")
 
 
 def spectral_scale(sigma: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per-rank scale of the k frozen spectral rows: ``sigma_k ⊙ m`` (zero at ``m = 0``)."""
+    """Per-rank scale of the k frozen spectral rows: ``sigma_k ⊙ m`` (zero at ``m = 0``).
+
+    ``SpecLoRA.op_spec`` relies on this form (linear in ``m``): it hands the op ``m`` as the
+    scale and ``P_k diag(sigma_k)`` as the frozen columns of ``U``."""
     return sigma * m
+
+
+def _scaled_columns(p: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return p * sigma
 
 
 class SpecLoRA(SpectralBuffers, AdapterMethod):
@@ -29,19 +41,18 @@ class SpecLoRA(SpectralBuffers, AdapterMethod):
     """
 
     name = "speclora"
-    options = ("r", "k", "alpha", "svd")
+    options = (RANK, K, ALPHA, SVD)
+    takes_dropout = True
 
-    def __init__(self, weight: torch.Tensor, *, r: int, k: int = 16, alpha: float | None = None,
-                 svd: str = "auto", adapter_dtype=None, generator=None):
-        super().__init__(weight, r, adapter_dtype)
-        self.k = check_rank("k", k, min(weight.shape))
-        self.alpha = check_alpha(r if alpha is None else alpha)
+    def __init__(self, weight: torch.Tensor, *, generator=None, **options):
+        super().__init__(weight, **options)
+        r, k = self.r, self.k
         self.A = self._new(r, self.in_features, like=weight)
         self.B = self._new(self.out_features, r, like=weight)
         self.m = self._new(k, like=weight)
         self.register_buffer("lora_scale", torch.full((r,), self.alpha / r, dtype=self._dtype,
                                                       device=weight.device), persistent=False)
-        self._register_svd(weight, k, svd, generator)
+        self._register_svd(weight, k, self.svd, generator)
         self.rank = r + k
         self.dropout_rows = self.grad_rows = r
         self.reset_parameters(generator)
@@ -57,5 +68,11 @@ class SpecLoRA(SpectralBuffers, AdapterMethod):
         up = torch.cat([self.B, self.P], dim=1)
         return down, scale, up
 
-    def config(self) -> dict:
-        return {**super().config(), "k": self.k, "alpha": self.alpha}
+    def op_spec(self):
+        # The same U diag(s) D with sigma_k moved from s into U's frozen columns: the
+        # scale's spectral entries are m itself, so D = [A; Q_k.T] and s = [(alpha/r) 1; m]
+        # are parameters and frozen rows only (one stored buffer each, no op); U = [B,
+        # P_k diag(sigma_k)] is one concatenation (B cannot be a view of a larger U).
+        return OpSpec(rows=((Param("A"), Frozen("lora_scale"), Param("B")),
+                            (Frozen("Q", build=transpose), Param("m"),
+                             Frozen("P", "sigma", build=_scaled_columns))))

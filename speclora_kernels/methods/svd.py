@@ -124,7 +124,7 @@ def top_singular(weight: torch.Tensor, k: int, *, svd: str = "auto",
         p, s, vh = torch.linalg.svd(a, full_matrices=False)
         p, s, q = p[:, :k], s[:k], vh[:k].T
     else:
-        if generator is None:
+        if generator is None and a.device.type != "meta":  # meta: shapes only, no numbers
             generator = torch.Generator(device=a.device).manual_seed(0)
         p, s, q = _randomized(a, k, oversample, n_iter, generator)
     p, q = _canonical_signs(p, q)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,10 @@ from torch import nn
 
 from .. import ops
 from ..methods import AdapterMethod, get_method
-from ..quant import NF4Weight, quantize_residual
+from ..methods.assembly import Frozen, transpose
+from ..quant import NF4Tensor, NF4Weight, local_nf4, quantize_residual
+from ..quant.nf4_tensor import load_nf4_state_dict_hook, nf4_state_dict_hook, nf4_weight_of
+from .factors import FactorAssembly, plain_factors
 
 QUANTIZE = ("nf4",)
 # Buffers holding an NF4 base (bitsandbytes' layout, see NF4Weight), by NF4Weight field.
@@ -54,6 +58,17 @@ def _linear4bit_weight(linear: nn.Linear) -> NF4Weight | None:
     return NF4Weight.from_bnb(linear)
 
 
+def _traced() -> bool:
+    """torch.compile tracing, a functorch transform or a CUDA-graph capture: the factors are
+    built with plain ops there (fused by the compiler, replayed by the graph)."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
+
+
+def _pack_after_load(layer: "AdapterLinear", incompatible_keys) -> None:
+    layer._pack_factors()  # load_state_dict(assign=True) replaces parameters
+
+
 class AdapterLinear(nn.Module):
     """``y = x @ W'.T + b`` with ``W' = base + U diag(s) D`` built by an adapter method.
 
@@ -70,7 +85,8 @@ class AdapterLinear(nn.Module):
     ``weight_absmax2``, ``weight_code2``, ``weight_offset``); the op decodes them tile by
     tile, the dense weight is never formed. As bitsandbytes' ``Linear4bit``, the input is
     cast to ``compute_dtype`` (its own dtype if None) and the output back to the input's
-    dtype. ``module.to(dtype)`` moves but never converts the quantized state.
+    dtype. ``module.to(dtype)`` moves but never converts the quantized state. For FSDP2,
+    :meth:`hold_nf4_as_parameter` holds them as one parameter instead (same state dict).
 
     Spectral methods (``replaces_base``) want ``W_res = W0 - P diag(sigma) Q.T`` as base. With
     ``residual_base=False`` the given base is ``W0`` itself (an NF4 ``Linear4bit`` cannot be
@@ -122,27 +138,29 @@ class AdapterLinear(nn.Module):
         self.adapter = adapter
         self.dropout = _check_dropout(dropout, adapter)
         self.merged = False
+        self._init_factor_assembly()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, method: str = "speclora", r: int = 8,
-                    k: int | None = None, alpha: float | None = None, dropout: float = 0.0, *,
-                    svd: str | None = None, shared: nn.Parameter | None = None,
+    def from_linear(cls, linear: nn.Linear, method: str, *, dropout: float = 0.0,
                     adapter_dtype: torch.dtype | None = None,
                     generator: torch.Generator | None = None, quantize: str | None = None,
-                    blocksize: int | None = None,
-                    double_quant: bool | None = None) -> "AdapterLinear":
+                    blocksize: int | None = None, double_quant: bool | None = None,
+                    **options) -> "AdapterLinear":
         """Wrap a pre-trained ``linear`` (``nn.Linear`` or bitsandbytes NF4 ``Linear4bit``).
 
         Args:
             method: a key of :data:`speclora_kernels.METHODS`.
-            r: rank (LoRA rank, or number of top singular directions for the spectral
-                methods and PiCa).
-            k: SpecLoRA's number of masked singular values (default 16).
-            alpha: LoRA scaling numerator for ``lora``/``speclora`` (default ``r``).
-            dropout: LoRA dropout on the trainable down path (``lora``, ``speclora`` only).
-            svd: ``"auto"`` (default), ``"full"`` or ``"randomized"``; see
-                :func:`speclora_kernels.methods.top_singular`.
-            shared: PiCa only: the ``adapter.M`` of another PiCa layer to share.
+            options: the method's options, as its class declares them (``METHODS[method]
+                .options``; the README's "Methods" table): ``r`` (rank: LoRA rank, or the
+                number of top singular directions; default 8) for every method, ``k``
+                (SpecLoRA's masked singular values, default 16), ``alpha`` (``lora`` /
+                ``speclora`` scaling numerator, default ``r``), ``svd`` (``"auto"``,
+                ``"full"`` or ``"randomized"``; see
+                :func:`speclora_kernels.methods.top_singular`), PiCa's ``shared`` (the
+                ``adapter.M`` of another PiCa layer). ``None`` means the default; options
+                the method does not declare raise ``ValueError`` rather than being ignored.
+            dropout: LoRA dropout on the trainable down path (methods with
+                ``takes_dropout``: ``lora``, ``speclora``).
             adapter_dtype: parameter dtype, float32 (default) or float64 (default for a
                 float64 base).
             generator: RNG for the initial ``A`` and the randomized SVD sketch.
@@ -150,10 +168,9 @@ class AdapterLinear(nn.Module):
                 ``blocksize`` (default 64) and ``double_quant`` (default True), computing in
                 the weight's dtype like ``Linear4bit(compute_dtype=weight.dtype)``.
 
-        Options a method does not use raise ``ValueError`` rather than being ignored. For
-        ``lora``, ``speclora`` and ``pica`` the layer takes over ``linear.weight``'s storage
-        (no copy; ``merge()`` writes into it, as PEFT does); the ``spectral_*`` methods
-        store a new residual base ``W_res``.
+        For ``lora``, ``speclora`` and ``pica`` the layer takes over ``linear.weight``'s
+        storage (no copy; ``merge()`` writes into it, as PEFT does); the ``spectral_*``
+        methods store a new residual base ``W_res``.
 
         NF4: a ``Linear4bit`` (``quant_type="nf4"``; FP4 is refused) is used as bitsandbytes
         stored it, never re-quantized; its ``compute_dtype`` is kept. The SVD is that of the
@@ -167,16 +184,8 @@ class AdapterLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         method_cls = get_method(method)
-        opts = {}
-        for name, value in (("r", r), ("k", k), ("alpha", alpha), ("svd", svd),
-                            ("shared", shared)):
-            if value is None:
-                continue
-            if name not in method_cls.options:
-                raise ValueError(f"{name} is not used by method={method!r} "
-                                 f"(it takes {', '.join(method_cls.options)})")
-            opts[name] = value
-        build = dict(adapter_dtype=adapter_dtype, generator=generator, **opts)
+        method_cls.check_option_names(options)  # values are checked when the method is built
+        build = dict(adapter_dtype=adapter_dtype, generator=generator, **options)
         bias = None if linear.bias is None else linear.bias.detach()
 
         nf4 = _linear4bit_weight(linear)
@@ -226,6 +235,12 @@ class AdapterLinear(nn.Module):
         if self.quant_type is None:
             raise RuntimeError("this AdapterLinear has a dense base (weight); it has no NF4 "
                                "weight")
+        held = self._parameters.get("weight")
+        if held is not None:  # one parameter (hold_nf4_as_parameter)
+            if not isinstance(held, NF4Tensor):
+                raise RuntimeError("this layer's NF4 base is sharded (FSDP2): it is whole only "
+                                   "inside its FSDP unit's forward and backward (or unshard())")
+            return nf4_weight_of(held)
         tensors = {field: getattr(self, name, None) for field, name in _NF4_BUFFERS.items()}
         cached = self._nf4_cache
         if cached is None or any(cached[0][f] is not t for f, t in tensors.items()):
@@ -237,6 +252,27 @@ class AdapterLinear(nn.Module):
             self._nf4_cache = cached = (
                 {field: getattr(self, name, None) for field, name in _NF4_BUFFERS.items()}, w)
         return cached[1]
+
+    def hold_nf4_as_parameter(self) -> None:
+        """Hold the NF4 base as one frozen parameter ``weight``, an
+        :class:`~speclora_kernels.quant.NF4Tensor` over the same tensors (no copy), instead
+        of buffers: what FSDP2's ``fully_shard`` shards (buffers it replicates). The state
+        dict keeps its keys and tensors (``weight``, ``weight_absmax``, ...); forward, and
+        bitsandbytes interop through :meth:`nf4_weight`, are unchanged. No-op if already."""
+        if self.quant_type is None:
+            raise RuntimeError("this AdapterLinear has a dense base, already a parameter")
+        if "weight" in self._parameters:
+            return
+        base = NF4Tensor.from_weight(self.nf4_weight())
+        for name in _NF4_BUFFERS.values():
+            self._buffers.pop(name, None)
+            if name != "weight":  # the state dict's keys, found by torch.distributed.checkpoint
+                object.__setattr__(self, name, None)  # in layer.weight now
+        self._nf4_cache = None
+        self.weight = nn.Parameter(base, requires_grad=False)
+        self.register_state_dict_post_hook(partial(nf4_state_dict_hook, names=_NF4_BUFFERS))
+        self.register_load_state_dict_pre_hook(partial(load_nf4_state_dict_hook,
+                                                       names=_NF4_BUFFERS))
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -272,6 +308,7 @@ class AdapterLinear(nn.Module):
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         self._nf4_cache = None
+        self._pack_factors()
         return self
 
     # -- factors: the method's, plus the frozen rows that remove the spectral term from a W0 base
@@ -297,6 +334,50 @@ class AdapterLinear(nn.Module):
         downs, scales, ups = zip(*extra)
         return (torch.cat([down, *downs]), torch.cat([scale, *scales]),
                 torch.cat([up, *ups], dim=1))
+
+    # -- the op's factors: assembled, stored and cached by FactorAssembly (modules/factors.py)
+    def _init_factor_assembly(self) -> None:
+        self._factor_assembly = FactorAssembly()
+        self.register_load_state_dict_post_hook(_pack_after_load)
+        self._pack_factors()
+
+    def _pack_factors(self) -> None:
+        """Store the parameters that share a factor as views of one buffer (idempotent)."""
+        self._factor_assembly.pack(self)
+
+    def clear_factor_cache(self) -> None:
+        """Forget the cached factors. Never needed after in-place writes (their version
+        counters invalidate the cache), only after writes through ``tensor.data``."""
+        self._factor_assembly.clear()
+
+    def _correction_rows(self) -> tuple:
+        """The frozen rows of :meth:`_base_correction`, declared for the factor assembly
+        (sources named relative to the layer)."""
+        a = self.adapter
+        if not a.replaces_base:
+            return ()
+        own = (Frozen("adapter.Q", build=transpose), Frozen("adapter.sigma", build=torch.neg),
+               Frozen("adapter.P"))
+        if not self.residual_base:
+            return (own,)
+        if "base_P" in self._buffers:
+            return ((Frozen("base_Q", build=transpose), Frozen("base_sigma"), Frozen("base_P")),
+                    own)
+        return ()
+
+    def _op_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op's ``(D, s, U)`` for inputs of ``dtype``: the same ``U diag(s) D`` and
+        leading rows as :meth:`factors`, built as the method declares them (``op_spec``),
+        cached, and with no concatenation where parameters share a factor."""
+        if _traced():  # plain ops, which the graph replays from the live tensors
+            return plain_factors(self, dtype)
+        return self._factor_assembly(self, dtype)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)  # deepcopy, unpickling: each parameter has its own storage
+        if "_factor_assembly" not in self.__dict__:
+            self._init_factor_assembly()
+        self._pack_factors()
 
     @property
     def rank(self) -> int:
@@ -341,11 +422,9 @@ class AdapterLinear(nn.Module):
         weight, bias = self._base(x.dtype)
         if self.merged:
             return F.linear(x, weight, bias)
-        down, scale, up = self.factors()
-        # D, U in x's dtype; s keeps float32 precision (float64 for float64 inputs).
+        down, scale, up = self._op_factors(x.dtype)
         y = ops.fused_adapter_linear(
-            x.reshape(-1, self.in_features), weight, bias, down.to(x.dtype),
-            scale.to(torch.promote_types(x.dtype, torch.float32)), up.to(x.dtype),
+            x.reshape(-1, self.in_features), weight, bias, down, scale, up,
             self.dropout, self.adapter.dropout_rows, self.adapter.grad_rows,
             training=self.training)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -442,6 +521,7 @@ class AdapterLinear(nn.Module):
             own[name].copy_(t)
         if old_term is not None:
             self._add_to_base(old_term - self.adapter.frozen_term())
+        self._pack_factors()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state dict that holds an NF4 W_res base also says which term it was quantized
@@ -459,12 +539,15 @@ class AdapterLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        cfg = self.adapter.config()
-        ranks = ", ".join(f"{key}={cfg[key]}" for key in ("r", "k", "alpha") if key in cfg)
+        a = self.adapter
+        ranks = ", ".join(f"{o.name}={getattr(a, o.name)}" for o in a.saved_options()
+                          if o.must_match)
         base = ""
         if self.quant_type is not None:
             meta = self._nf4_meta
-            dq = ", double_quant" if "weight_absmax2" in self._buffers else ""
+            held = local_nf4(self._parameters.get("weight"))  # hold_nf4_as_parameter
+            dq = held.double_quant if held is not None else "weight_absmax2" in self._buffers
+            dq = ", double_quant" if dq else ""
             base = f", base=nf4 (blocksize={meta['blocksize']}{dq})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.adapter.name}, {ranks}, "

@@ -1,17 +1,24 @@
-"""The public op: ``y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T`` with fused Triton kernels.
+"""The op: ``y = x @ W.T + bias + ((x' @ D.T) * s) @ U.T``, fused.
 
-``fused_adapter_linear`` is the one entry point (``AdapterLinear`` calls it). Semantics are
-those of ``speclora_kernels.reference.fused_adapter_linear``; the dropout mask is drawn
-in-kernel from a seed (see ``dropout_keep_mask`` to regenerate it).
+- ``fused_adapter_linear``: the one entry point (``AdapterLinear`` calls it), validated here
+  once; semantics are those of ``reference_adapter_linear`` (``naive.py``, plain PyTorch,
+  the ground truth of every test);
+- ``autograd``: the autograd Function and custom ops, dispatching to the Triton kernels or
+  the CPU backend;
+- ``plan`` (which kernels, why), ``tuning`` (configs, pruning), ``launch`` (launchers) and
+  ``kernels/`` (the ``@triton.jit`` code);
+The in-kernel Philox dropout mask, shared with the CPU backend, lives in
+``speclora_kernels.dropout`` (``dropout_keep_mask`` rebuilds it).
 """
 from __future__ import annotations
 
 import torch
 
-from .._validate import check_adapter_inputs
 from ..quant import NF4Weight
-from .autograd import FusedAdapterLinearFunction, NF4AdapterLinearFunction, inference_forward
-from .dropout import dropout_keep_mask, dropout_seed
+from .autograd import AdapterLinearFunction, run_forward
+from ..dropout import dropout_keep_mask, dropout_seed
+from .naive import fused_adapter_linear as reference_adapter_linear
+from .validate import check_adapter_inputs
 
 
 def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropout_rows=None,
@@ -24,46 +31,46 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
             ``NF4Weight`` (bitsandbytes' layout), decoded tile by tile to x's dtype inside
             the kernels, never materialised (the CPU fallback dequantizes).
         bias: (out,) or None.
-        down: (R, in) ``D``; up: (out, R) ``U``; cast to x's dtype if they differ.
+        down: (R, in) ``D``; up: (out, R) ``U``; any float dtype (e.g. float32 parameters):
+            rounded to x's dtype as the kernels load them, gradients in their own dtype.
         scale: (R,) ``s``, float32 or x's dtype.
         dropout_p: LoRA dropout probability, active only when ``training``; it applies to the
             input of the first ``dropout_rows`` rows of D (default: all).
         grad_rows: only the first ``grad_rows`` rows of D / columns of U get gradient
             (default: all); the rest get zeros, with no work spent on them.
 
-    The dropout seed is drawn from torch's CPU generator (``dropout_seed``), so
-    ``torch.manual_seed`` makes runs reproducible; ``dropout_keep_mask(seed, x.shape, p)``
-    regenerates the mask the kernels used.
+    The dropout seed is drawn per call from the generator of x's device
+    (``dropout_seed(x.device)``, a device tensor the kernels read: CUDA-graph replays draw
+    new masks), so ``torch.manual_seed`` makes runs reproducible;
+    ``dropout_keep_mask(seed, x.shape, p)`` regenerates the mask the kernels used.
     """
     nf4 = isinstance(weight, NF4Weight)
-    rd, rg = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows,
-                                  grad_rows, weight_shape=tuple(weight.shape) if nf4 else None)
+    dropout_rows, grad_rows = check_adapter_inputs(
+        x, weight, bias, down, scale, up, dropout_p, dropout_rows, grad_rows,
+        weight_shape=tuple(weight.shape) if nf4 else None)
     if not nf4 and weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype} (it is never copied), "
                         f"got {weight.dtype}")
     if scale.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"scale must be float32 or x's dtype {x.dtype}, got {scale.dtype}")
-    down, up = down.to(x.dtype), up.to(x.dtype)
     # the kernels index the vectors densely (s_ptr + r): a strided s or bias would read wrong
     scale = scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    active = bool(training) and float(dropout_p) > 0 and rd > 0
-    seed = dropout_seed() if active else None
-    x2d = x.reshape(-1, x.shape[-1])
-    drop = (float(dropout_p) if active else 0.0, rd if active else 0, rg)
-    record = torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in (x, weight, bias, down, scale, up))
-    if not record:
-        y = inference_forward(x2d, weight, bias, down, scale, up, seed, *drop[:2])
-    elif nf4:
-        y = NF4AdapterLinearFunction.apply(x2d, weight.packed, weight.absmax, weight.absmax2,
-                                           weight.code2, weight.offset, weight.blocksize,
-                                           weight.nested_blocksize, bias, down, scale, up, seed,
-                                           *drop)
-    else:
-        y = FusedAdapterLinearFunction.apply(x2d, weight, bias, down, scale, up, seed, *drop)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    active = bool(training) and float(dropout_p) > 0 and dropout_rows > 0
+    seed = dropout_seed(x.device) if active else None
+    p, rows = (float(dropout_p), dropout_rows) if active else (0.0, 0)
+    flat = x.dim() == 2  # a reshape costs microseconds of host time even when a no-op
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    record = torch.is_grad_enabled() and (
+        x.requires_grad or down.requires_grad or scale.requires_grad or up.requires_grad
+        or (bias is not None and bias.requires_grad) or (not nf4 and weight.requires_grad))
+    if record:
+        y = AdapterLinearFunction.apply(x2d, weight, bias, down, scale, up, seed, p, rows,
+                                        grad_rows)
+    else:  # autograd.Function's bookkeeping costs more than a small layer's forward on CPU
+        y = run_forward(x2d, weight, bias, down, scale, up, seed, p, rows, False)[0]
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["fused_adapter_linear", "FusedAdapterLinearFunction", "NF4AdapterLinearFunction",
+__all__ = ["fused_adapter_linear", "reference_adapter_linear", "AdapterLinearFunction",
            "dropout_keep_mask", "dropout_seed"]

@@ -17,6 +17,7 @@ bitsandbytes itself is optional and only imported when asked for.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -30,6 +31,8 @@ __all__ = [
     "nf4_code",
     "dynamic_code",
     "quantize_residual",
+    "decode_dtype",
+    "nf4_level_pairs",
 ]
 
 # The 16 NF4 levels (QLoRA), as bitsandbytes lists them; rounded to fp32 they are its table.
@@ -43,6 +46,12 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes double-quantizes absmax in blocks of 256
 _SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QSTATE_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def decode_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op rounds decoded NF4 values to for inputs of ``dtype``, as the kernels
+    round their tiles: the input's own (float32 for float64: the decode itself is fp32)."""
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 def nf4_code(device=None) -> torch.Tensor:
@@ -63,6 +72,21 @@ def _dynamic_code_cpu() -> torch.Tensor:
         values += (-(10 ** (i - 6)) * means).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _level_pairs(device: torch.device) -> torch.Tensor:
+    levels = nf4_code().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256)
+    return ((levels[byte >> 4] << 32) | levels[byte & 0xF]).to(device)
+
+
+def nf4_level_pairs(device=None) -> torch.Tensor:
+    """The kernels' decode table: for each byte value, the fp32 bits of its two NF4 levels
+    as one int64 (high nibble's level in the upper 32 bits). One shared, read-only tensor per
+    device (built once, so that no host-to-device copy happens later, e.g. inside a CUDA
+    graph capture)."""
+    return _level_pairs(torch.device(device if device is not None else "cpu"))
 
 
 def dynamic_code(device=None) -> torch.Tensor:
@@ -89,7 +113,8 @@ class NF4Weight:
         blocksize, nested_blocksize: elements per absmax, absmax entries per absmax2.
         shape: torch.Size (out_features, in_features).  dtype: dtype of the dequantized weight.
         quant_storage: dtype bitsandbytes used to hold ``packed`` (kept for ``to_bnb``).
-        code: the 16 NF4 values (fp32).
+        code: the 16 NF4 values (fp32), a property.
+        level_pairs: the kernels' decode table (:func:`nf4_level_pairs`), shared per device.
 
     Build it with ``from_bnb`` (reads ``Params4bit``/``QuantState`` as they are, no copy),
     ``from_bnb_state_dict`` (a bitsandbytes checkpoint, without bitsandbytes installed) or
@@ -150,9 +175,14 @@ class NF4Weight:
         self.absmax2, self.code2, self.offset = absmax2, code2, offset
         self.blocksize, self.nested_blocksize = blocksize, nested_blocksize
         self.shape, self.dtype, self.quant_storage = shape, dtype, quant_storage
-        self.code = nf4_code(packed.device)
+        self.level_pairs = nf4_level_pairs(packed.device)
 
     # ---- properties AdapterLinear and the kernels need -------------------------------------
+    @property
+    def code(self) -> torch.Tensor:
+        """The 16 NF4 values (fp32) on this weight's device."""
+        return nf4_code(self.device)
+
     @property
     def device(self) -> torch.device:
         return self.packed.device
@@ -198,6 +228,18 @@ class NF4Weight:
         t = {**self._tensors(), **tensors}
         return NF4Weight(t.pop("packed"), t.pop("absmax"), self.shape, self.dtype, self.blocksize,
                          nested_blocksize=self.nested_blocksize, quant_storage=self.quant_storage, **t)
+
+    def with_tensors(self, packed, absmax, absmax2=None, code2=None, offset=None) -> "NF4Weight":
+        """This weight over other tensors of the same shapes and dtypes (as autograd hands
+        back saved tensors): ``self`` when they are the ones it holds, else a shallow copy,
+        unchecked (cheap: for the op's backward, not for user input)."""
+        tensors = (packed, absmax, absmax2, code2, offset)
+        if all(a is b for a, b in zip(tensors, (self.packed, self.absmax, self.absmax2,
+                                                self.code2, self.offset))):
+            return self
+        out = copy.copy(self)
+        out.packed, out.absmax, out.absmax2, out.code2, out.offset = tensors
+        return out
 
     def to(self, device, non_blocking: bool = False) -> "NF4Weight":
         """Copy of the quantized state on ``device`` (no copy if already there)."""

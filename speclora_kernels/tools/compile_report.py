@@ -1,15 +1,17 @@
 """Compile every autotune config of every fused-adapter kernel for GPU targets, no GPU needed.
 
-    python -m speclora_kernels.tools.compile_report [--archs 80,90] [--dtype bf16]
+    python -m speclora_kernels.tools.compile_report [--archs 80,90]
+                                                   [--dtypes bf16,fp16,fp32,fp32-tf32]
                                                    [--quick] [--scenarios a,b] [--jobs N]
                                                    [--json PATH]
 
 The launchers run in "dry run" on meta tensors for representative shapes (decode, short
 prompts, training, wide rank), on a dense base and on an NF4 base (bitsandbytes layout,
 blocks of 64, double quant or not; in_features a multiple of 64 for the row decoder, or
-not for the span decoder), so each kernel is compiled with exactly the arguments,
-constexprs and JIT specialization (16-byte alignment, unit strides) a real launch would
-use. For each launch every autotune config that its pruning keeps for the target's shared
+not for the span decoder), for every activation dtype (bf16, fp16, fp32 with TF32 off, as
+torch's default, and on), so each kernel is compiled with exactly the arguments, constexprs
+and JIT specialization (16-byte alignment, unit strides, integer arguments equal to 1 as
+constants: one output column, one row) a real launch would use. For each launch every autotune config that its pruning keeps for the target's shared
 memory is compiled with ``triton.compile(ASTSource, GPUTarget)``; configs pruned for
 shared memory are listed, not compiled. ``cuobjdump`` (bundled with Triton) gives
 registers, spills (local memory) and static shared memory; the SASS shows whether the
@@ -28,7 +30,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -43,12 +48,17 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from speclora_kernels.ops import fused_linear as fl  # noqa: E402
+from speclora_kernels.ops import launch, tuning  # noqa: E402
+from speclora_kernels.ops.plan import SEGMENTED_ENV  # noqa: E402
+from speclora_kernels.quant import NF4Weight  # noqa: E402
 
 # Max shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
+# activation dtype, and for fp32 torch's matmul precision during the launch ("ieee" is
+# torch's default: the kernels' fp32 dots then run without TF32)
+DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
+          "fp32": (torch.float32, "ieee"), "fp32-tf32": (torch.float32, "tf32")}
+GEMM_KERNELS = ("fwd_kernel", "dx_kernel")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # (name, M, in, out, R, dropout, base): forward + backward launches at these shapes cover
@@ -76,6 +86,13 @@ SCENARIOS = [
     ("train-seg-nf4", 8192, 4096, 4096, 64, True, "nf4"),  # segmented, row decoder
     ("decode-nf4-nodq", 16, 4096, 4096, 16, False, "nf4-nodq"),
     ("decode-nf4-oddk", 16, 4000, 4096, 16, True, "nf4"),  # span decoder
+    # JIT specialisations of real launches: one row (M = 1), one output column (N = 1),
+    # odd in_features (rows of NF4 codes start mid-byte)
+    ("decode-m1", 1, 4096, 4096, 16, True, "dense"),
+    ("decode-n1", 16, 4096, 1, 4, True, "dense"),
+    ("decode-oddk", 1, 4095, 4096, 16, True, "dense"),
+    ("decode-nf4-n1", 1, 4000, 1, 4, False, "nf4"),
+    ("decode-nf4-oddk-odd", 1, 4095, 4096, 16, False, "nf4-nodq"),
     ("train-nf4-oddk", 4096, 4000, 4096, 64, False, "nf4"),
 ]
 QUICK = ("decode", "train", "train-seg", "decode-nf4", "train-nf4", "decode-nf4-oddk")
@@ -88,6 +105,7 @@ class Job:
     variant: str
     config: str
     arch: int
+    dtype: str
     signature: dict
     constexprs: dict
     attrs: dict
@@ -104,6 +122,7 @@ class Row:
     variant: str
     config: str
     arch: int
+    dtype: str = ""
     regs: int = 0
     spills: int = 0
     smem: int = 0
@@ -113,34 +132,51 @@ class Row:
     status: str = "ok"
 
 
-def _nf4_base(N, K, double_quant, blocksize=64):
+def _nf4_base(N, K, double_quant, dtype, blocksize=64):
     """An NF4 weight of bitsandbytes' layout on the meta device."""
     blocks = -(-N * K // blocksize)
     u8, f32 = dict(device="meta", dtype=torch.uint8), dict(device="meta", dtype=torch.float32)
+    packed = torch.empty(-(-N * K // 2), **u8)
     if not double_quant:
-        return fl.NF4Base(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **f32), None,
-                          None, None, (N, K), blocksize, 256)
-    return fl.NF4Base(torch.empty(-(-N * K // 2), **u8), torch.empty(blocks, **u8),
-                      torch.empty(-(-blocks // 256), **f32), torch.empty(256, **f32),
-                      torch.empty((), **f32), (N, K), blocksize, 256)
+        return NF4Weight(packed, torch.empty(blocks, **f32), (N, K), dtype, blocksize)
+    return NF4Weight(packed, torch.empty(blocks, **u8), (N, K), dtype, blocksize,
+                     absmax2=torch.empty(-(-blocks // 256), **f32),
+                     code2=torch.empty(256, **f32), offset=torch.empty((), **f32))
 
 
-def _launches(M, K, N, R, dropout, dtype, base="dense"):
-    """The (TunedKernel, args) launches of one forward + backward at this shape."""
+@contextlib.contextmanager
+def _fp32_precision(value):
+    """torch's fp32 matmul precision set to ``value`` ("ieee" / "tf32"; None: unchanged)."""
+    if value is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before, matmul.fp32_precision = matmul.fp32_precision, value
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _launches(M, K, N, R, dropout, label, base="dense"):
+    """The (TunedKernel, args) launches of one forward + backward at this shape, with the
+    activation dtype (and fp32 precision) of ``label``."""
+    dtype, precision = DTYPES[label]
     meta = dict(device="meta", dtype=dtype)
     x, b = torch.empty(M, K, **meta), torch.empty(N, **meta)
-    w = torch.empty(N, K, **meta) if base == "dense" else _nf4_base(N, K, base == "nf4")
+    w = torch.empty(N, K, **meta) if base == "dense" else _nf4_base(N, K, base == "nf4", dtype)
     d, s, u = torch.empty(R, K, **meta), torch.empty(R, device="meta"), torch.empty(N, R, **meta)
     t = torch.empty(M, R, device="meta")
     # representative dropout: the trainable rows of a SpecLoRA-like layout
-    drop = dict(seed=12345, dropout_p=0.1 if dropout else 0.0, drop_rows=R // 2 or 1)
+    drop = dict(seed=torch.empty((), device="meta", dtype=torch.int64),
+                dropout_p=0.1 if dropout else 0.0, dropout_rows=R // 2 or 1)
     # every plan a launch can take, the opt-in segmented kernels included
-    with fl.record_launches(dry_run=True) as launches, \
-            mock.patch.dict(os.environ, {fl.SEGMENTED_ENV: "1"}):
-        fl.adapter_forward(x, w, b, d, s, u, save_t=True, **drop)
-        fl.adapter_backward(torch.empty(M, N, **meta), x, w, d, s, u, t, grad_rows=R // 2 or 1,
-                            need_dx=True, need_ddown=True, need_dscale=True, need_dup=True,
-                            **drop)
+    with tuning.record_launches(dry_run=True) as launches, _fp32_precision(precision), \
+            mock.patch.dict(os.environ, {SEGMENTED_ENV: "1"}):
+        launch.adapter_forward(x, w, b, d, s, u, save_t=True, **drop)
+        launch.adapter_backward(torch.empty(M, N, **meta), x, w, d, s, u, t, grad_rows=R // 2 or 1,
+                                need_dx=True, need_ddown=True, need_dscale=True, need_dup=True,
+                                **drop)
     return launches
 
 
@@ -167,7 +203,8 @@ def _variant(kernel, args) -> str:
     flags = [k for k in ("FUSE_DOWN", "SEGMENTED", "FUSE_UP", "STORE_T", "STORE_G",
                          "HAS_DROPOUT", "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
                          "NF4_DOUBLE_QUANT") if args.get(k)]
-    return f"R{args['BLOCK_R']} " + ",".join(f.lower() for f in flags)
+    rank = f"R{args['BLOCK_R']} " if "BLOCK_R" in args else ""  # the dequantize has none
+    return rank + ",".join(f.lower() for f in flags)
 
 
 def _config_name(cfg) -> str:
@@ -177,16 +214,16 @@ def _config_name(cfg) -> str:
 
 
 def _tile_area(cfg) -> int:
-    blocks = [v for k, v in cfg.kwargs.items() if k.startswith("BLOCK")]
-    return blocks[0] * blocks[1]
+    return math.prod(v for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
 
 
-def plan(archs, dtype, scenarios, extremes_only=False):
-    """Unique compile jobs over the scenarios, plus rows for configs pruned by shared memory.
-    ``extremes_only``: per launch only the smallest and the largest fitting tile."""
-    jobs, pruned, seen, covered = [], [], set(), {k.name: set() for k in fl.KERNELS}
-    for scenario, M, K, N, R, dropout, base in scenarios:
-        for kernel, args in _launches(M, K, N, R, dropout, dtype, base):
+def plan(archs, dtypes, scenarios, extremes_only=False):
+    """Unique compile jobs over the scenarios and dtype labels, plus rows for configs pruned
+    by shared memory. ``extremes_only``: per launch only the smallest and the largest
+    fitting tile."""
+    jobs, pruned, seen, covered = [], [], set(), {k.name: set() for k in tuning.KERNELS}
+    for label, (scenario, M, K, N, R, dropout, base) in itertools.product(dtypes, scenarios):
+        for kernel, args in _launches(M, K, N, R, dropout, label, base):
             fitting = [c for c in kernel.configs if kernel.fits(c, args)]
             if extremes_only:
                 fitting = list({id(c): c for c in (min(fitting, key=_tile_area),
@@ -202,15 +239,16 @@ def plan(archs, dtype, scenarios, extremes_only=False):
                     estimate = kernel.smem_bytes(cfg, args)
                     if estimate > SMEM_LIMIT[arch]:
                         pruned.append(Row(kernel.name, scenario, _variant(kernel, args),
-                                          _config_name(cfg), arch, smem=estimate,
+                                          _config_name(cfg), arch, label, smem=estimate,
                                           smem_limit=SMEM_LIMIT[arch],
                                           status="pruned (smem estimate)"))
                         continue
                     covered[kernel.name].add(_config_name(cfg))
                     jobs.append(Job(kernel.name, scenario, _variant(kernel, args),
-                                    _config_name(cfg), arch, signature,
+                                    _config_name(cfg), arch, label, signature,
                                     {**constexprs, **cfg.kwargs}, attrs,
-                                    cfg.num_warps, cfg.num_stages, cfg.kwargs["BLOCK_M"],
+                                    cfg.num_warps, cfg.num_stages,
+                                    {**args, **cfg.kwargs}.get("BLOCK_M", 0),
                                     estimate))
     return jobs, pruned, covered
 
@@ -228,10 +266,67 @@ def _resources(cubin: bytes):
     return field("REG"), field("LOCAL") + field("STACK"), field("SHARED"), mma
 
 
+def _sass(kernel, args: dict, cfg, arch: int = 90) -> str:
+    """SASS of ``kernel`` compiled for ``arch`` with this launch's specialisation and config."""
+    signature, constexprs, attrs = _specialize(kernel.fn, args)
+    compiled = triton.compile(
+        ASTSource(fn=kernel.fn, signature=signature, constexprs={**constexprs, **cfg.kwargs},
+                  attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the body of the longest loop of a SASS listing (from a backward
+    branch's target to the branch): the K-loop of a GEMM kernel, run once per K step."""
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    where = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
+    longest = 0
+    for at, line in zip(where, lines):
+        branch = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", line)
+        if branch and int(branch.group(1), 16) < at:
+            start = int(branch.group(1), 16)
+            longest = max(longest, sum(start <= a <= at for a in where))
+    return longest
+
+
+# (kernel, scenario M, config): the K-loops whose NF4 decode the performance model prices
+DECODE_LOOPS = ((tuning.SPLITK, 16, {"BLOCK_K": 128}, 8), (tuning.FWD, 32,
+                {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 1}, 4))
+
+
+def decode_cost(arch: int = 90) -> list[dict]:
+    """SASS instructions an NF4 element costs in the kernels' K-loops: the NF4 loop body
+    minus the dense one (same tile and config, bf16) over the weight elements a thread
+    decodes per K step (``tools.gpu_model`` takes the split-K figure)."""
+    rows = []
+    for kernel, M, tile, warps in DECODE_LOOPS:
+        counts = {}
+        for base in ("dense", "nf4"):
+            args = next(a for k, a in _launches(M, 4096, 4096, 16, False, "bf16", base)
+                        if k is kernel)
+            cfg = next(c for c in kernel.configs
+                       if all(c.kwargs.get(k, args.get(k)) == v for k, v in tile.items())
+                       and c.num_warps == warps)
+            counts[base] = loop_instructions(_sass(kernel, args, cfg, arch))
+            full = {**args, **cfg.kwargs}
+        elements = full["BLOCK_N"] * full["BLOCK_K"] / (32 * warps)
+        rows.append({"kernel": kernel.name, "config": _config_name(cfg), "sm": arch,
+                     "dense_loop": counts["dense"], "nf4_loop": counts["nf4"],
+                     "elements_per_thread": elements,
+                     "per_element": (counts["nf4"] - counts["dense"]) / elements})
+    return rows
+
+
 def compile_job(job: Job) -> Row:
-    kernel = next(k for k in fl.KERNELS if k.name == job.kernel)
+    kernel = next(k for k in tuning.KERNELS if k.name == job.kernel)
     start = time.perf_counter()
-    row = Row(job.kernel, job.scenario, job.variant, job.config, job.arch,
+    row = Row(job.kernel, job.scenario, job.variant, job.config, job.arch, job.dtype,
               smem_limit=SMEM_LIMIT[job.arch])
     try:
         compiled = triton.compile(
@@ -251,16 +346,20 @@ def compile_job(job: Job) -> Row:
         problems.append("spills")
     if row.smem > row.smem_limit:
         problems.append("smem")
-    if job.arch >= 90 and job.kernel in GEMM_KERNELS and job.block_m >= 64 and row.mma != "HGMMA":
+    # IEEE fp32 dots (torch's default for fp32) have no tensor-core instruction
+    tensor_cores = job.dtype != "fp32"
+    if (tensor_cores and job.arch >= 90 and job.kernel in GEMM_KERNELS and job.block_m >= 64
+            and row.mma != "HGMMA"):
         problems.append("no HGMMA")
     row.status = "ok" if not problems else "FAIL: " + ", ".join(problems)
     return row
 
 
 def format_table(rows) -> str:
-    head = ("kernel", "scenario", "variant", "config", "sm", "regs", "spills", "smem KB",
-            "limit KB", "mma", "s", "status")
-    body = [(r.kernel, r.scenario, r.variant, r.config, str(r.arch), str(r.regs), str(r.spills),
+    head = ("kernel", "scenario", "dtype", "variant", "config", "sm", "regs", "spills",
+            "smem KB", "limit KB", "mma", "s", "status")
+    body = [(r.kernel, r.scenario, r.dtype, r.variant, r.config, str(r.arch), str(r.regs),
+             str(r.spills),
              f"{r.smem / 1024:.1f}", f"{r.smem_limit / 1024:.0f}", r.mma, f"{r.seconds:.1f}",
              r.status) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
@@ -272,7 +371,8 @@ def format_table(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="80,90", help="compute capabilities, e.g. 80,90")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dtypes", default=",".join(DTYPES),
+                        help=f"comma-separated activation dtypes, from {list(DTYPES)}")
     parser.add_argument("--quick", action="store_true",
                         help=f"representative subset: scenarios {', '.join(QUICK)}, smallest and "
                              "largest tile per launch")
@@ -280,7 +380,17 @@ def main(argv=None) -> int:
                                                "the --quick ones)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiler processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--decode-cost", action="store_true",
+                        help="only count the SASS instructions an NF4 element costs in the "
+                             "split-K and fused forward K-loops (sm_90)")
     opts = parser.parse_args(argv)
+    if opts.decode_cost:
+        for row in decode_cost():
+            print(f"{row['kernel']} {row['config']} sm_{row['sm']}: K-loop {row['dense_loop']} "
+                  f"instructions dense, {row['nf4_loop']} NF4, "
+                  f"{row['elements_per_thread']:.0f} elements a thread a step: "
+                  f"{row['per_element']:.2f} instructions per NF4 element")
+        return 0
 
     archs = [int(a) for a in opts.archs.split(",")]
     unknown = [a for a in archs if a not in SMEM_LIMIT]
@@ -293,24 +403,33 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--scenarios: unknown {unknown}; choose from {[s[0] for s in SCENARIOS]}")
     scenarios = [s for s in SCENARIOS if s[0] in names]
+    dtypes = opts.dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
     start = time.perf_counter()
-    jobs, pruned, covered = plan(archs, DTYPES[opts.dtype], scenarios, extremes_only=opts.quick)
+    jobs, pruned, covered = plan(archs, dtypes, scenarios, extremes_only=opts.quick)
     if opts.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
             rows = list(pool.map(compile_job, jobs))
     else:
         rows = [compile_job(j) for j in jobs]
     rows += pruned
-    rows.sort(key=lambda r: (r.kernel, SCENARIOS.index(next(s for s in SCENARIOS
-                                                            if s[0] == r.scenario)),
+    rows.sort(key=lambda r: (r.kernel, list(DTYPES).index(r.dtype),
+                             SCENARIOS.index(next(s for s in SCENARIOS if s[0] == r.scenario)),
                              r.variant, r.config, r.arch))
     elapsed = time.perf_counter() - start
 
     print(format_table(rows))
     failed = [r for r in rows if r.status.startswith("FAIL")]
-    print(f"\n{len(jobs)} compiles ({opts.dtype}, sm_{', sm_'.join(map(str, archs))}) "
+    print(f"\n{len(jobs)} compiles ({', '.join(dtypes)}; sm_{', sm_'.join(map(str, archs))}) "
           f"in {elapsed:.0f} s; {len(pruned)} pruned for shared memory; {len(failed)} failed")
-    for kernel in fl.KERNELS:
+    for label in dtypes:
+        mine = [r for r in rows if r.dtype == label and not r.status.startswith("pruned")]
+        print(f"{label}: {len(mine)} compiles, {sum(r.status.startswith('FAIL') for r in mine)} "
+              f"failed, {sum(r.spills > 0 for r in mine)} with spills, max "
+              f"{max((r.regs for r in mine), default=0)} registers")
+    for kernel in tuning.KERNELS:
         missing = {_config_name(c) for c in kernel.configs} - covered[kernel.name]
         print(f"{kernel.name}: {len(covered[kernel.name])}/{len(kernel.configs)} configs compiled"
               + (f"; not covered: {sorted(missing)}" if missing else ""))

@@ -6,8 +6,8 @@ output once; FLOPs count matmuls only (``2*m*n*k``), like the interpreter counte
 ``dot_flops``. Element sizes come from torch dtypes or plain byte counts; ``weight_bytes``
 overrides the size of ``W`` (NF4: see :func:`nf4_weight_bytes`).
 
-Every time here is a *prediction* from DESIGN.md section 3's measured H100 ceilings,
-never a measurement; :class:`Prediction` says so when printed.
+Every time here is a *prediction* from the measured H100 ceilings of
+``speclora_kernels.hardware``, never a measurement; :class:`Prediction` says so when printed.
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..hardware import H100
+
 Dtype = Union[torch.dtype, int, float]
 
-BANDWIDTH = 3.0e12
-"""Bytes/s: measured H100 device-memory copy (DESIGN.md section 3)."""
-PEAK_FLOPS = 800e12
-"""FLOP/s: measured H100 bf16 dense matmul (DESIGN.md section 3); fp32 operands run slower."""
-LAUNCH_OVERHEAD = 2e-6
+BANDWIDTH = H100.bandwidth
+"""Bytes/s: measured H100 device-memory copy (``hardware.H100``)."""
+PEAK_FLOPS = H100.peak_flops
+"""FLOP/s: measured H100 bf16 dense matmul (``hardware.H100``); fp32 operands run slower."""
+LAUNCH_OVERHEAD = H100.launch_seconds
 """Seconds per kernel launch: an assumption (back-to-back launches on one stream, no CUDA
 graph), not a measurement here; pass ``launch_overhead`` to change it."""
 
@@ -138,8 +140,13 @@ def _weight_bytes(out_features, in_features, dtype, weight_dtype, weight_bytes) 
     return math.ceil(out_features * in_features * _size(weight_dtype or dtype, "weight_dtype"))
 
 
+NF4_DECODE_TABLE_BYTES = 256 * 8
+"""The kernels' NF4 decode table (``quant.nf4_level_pairs``: two fp32 levels per byte value),
+read by every NF4 launch besides the weight's own bytes."""
+
+
 def nf4_weight_bytes(out_features: int, in_features: int, *, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes of a bitsandbytes NF4 weight: packed codes plus scales (DESIGN.md section 2).
+    """Bytes of a bitsandbytes NF4 weight: packed codes plus scales (bitsandbytes layout: one absmax per block, doubly quantized).
 
     Without double quant: one fp32 absmax per block. With it: one uint8 absmax per block,
     one fp32 ``absmax2`` per 256 blocks, the 256-entry fp32 code map and the fp32 offset.

@@ -10,7 +10,8 @@ Each part runs in a child process (the interpreter switch is read when triton is
    (``TRITON_INTERPRET=1``), once on the NF4 base (bitsandbytes
    layout, blocks of 64, double quant) and once on the dense bf16 base. Their unique bytes
    are compared with the floor ``forward_floor(weight_bytes=nf4_weight_bytes(...))`` (packed
-   codes + scales + x + D, s, U + y) and with each other.
+   codes + scales + the kernels' 2 KB decode table + x + D, s, U + y, plus the split-K
+   kernel's fp32 partials written and read back) and with each other.
 2. Memory kept for backward by one layer in training (``--tokens`` rows of bf16 input,
    LoRA dropout ``--dropout``): every tensor autograd saves is recorded with
    ``torch.autograd.graph.saved_tensors_hooks`` (PyTorch CPU path, which saves what the
@@ -39,10 +40,10 @@ BF16 = torch.bfloat16
 def count_forward(out_f: int, in_f: int, rank: int) -> dict:
     """Unique/requested bytes of the fused forward at M = 1 on NF4 and bf16 bases (needs
     ``TRITON_INTERPRET=1`` set before triton is imported)."""
-    from ..ops import fused_adapter_linear
+    from ..ops import fused_adapter_linear, plan
     from ..quant import NF4Weight
     from .counter import count_triton
-    from .floors import forward_floor, nf4_weight_bytes
+    from .floors import NF4_DECODE_TABLE_BYTES, forward_floor, nf4_weight_bytes
 
     g = torch.Generator().manual_seed(0)
     dense = (torch.randn(out_f, in_f, generator=g) * in_f ** -0.5).to(BF16)
@@ -59,10 +60,22 @@ def count_forward(out_f: int, in_f: int, rank: int) -> dict:
         result[name] = {"unique_bytes": total.unique_bytes, "requested_bytes": total.bytes,
                         "launches": total.launches,
                         "kernels": {k: v.unique_bytes for k, v in c.per_kernel().items()}}
-    # D, U bf16; s fp32 (4 bytes per rank): the factor bytes the op reads
+    # D, U bf16; s fp32 (4 bytes per rank): the factor bytes the op reads; the kernels also
+    # read their 2 KB decode table
+    weight_bytes = nf4_weight_bytes(out_f, in_f) + NF4_DECODE_TABLE_BYTES
     floor = forward_floor(1, in_f, out_f, rank, dtype=BF16, bias=False,
-                          weight_bytes=nf4_weight_bytes(out_f, in_f))
-    result["floor_bytes"] = floor.bytes_read + floor.bytes_written + 2 * rank
+                          weight_bytes=weight_bytes)
+    # the split-K decode kernel also writes, then reads back, its fp32 partials (the one
+    # row of y and t per tile and slice of K): part of its floor
+    p = plan.forward_plan(1, out_f, in_f, rank, rank_cap=64, weight_bytes=weight_bytes,
+                          element_size=2, nf4=True)
+    workspace = 0
+    if p.path == "splitk":
+        tiles, splits = plan.cdiv(out_f, p.block_n), plan.cdiv(in_f, plan.split_slice(in_f,
+                                                                                     p.splits))
+        workspace = 2 * tiles * splits * (p.block_n + plan.rank_block(rank, 64)) * 4
+    result["splitk_workspace_bytes"] = workspace
+    result["floor_bytes"] = floor.bytes_read + floor.bytes_written + 2 * rank + workspace
     result["nf4_weight_bytes"] = nf4.nbytes
     result["nf4_vs_floor"] = result["nf4"]["unique_bytes"] / result["floor_bytes"]
     result["nf4_vs_bf16"] = result["nf4"]["unique_bytes"] / result["bf16"]["unique_bytes"]

@@ -6,7 +6,7 @@ backward ``dx`` epilogue, the ``dD`` reduction) regenerates it from Philox-4x32-
 bit for bit, so that
 
 - the CPU path (no Triton) draws exactly the mask the GPU kernels draw, and
-- a test can hand the kernel's mask to the reference (``reference.fused_adapter_linear(mask=)``).
+- a test can hand the kernel's mask to the reference (``reference_adapter_linear(mask=)``).
 
 Layout, for x viewed as (M, K): element (m, k) belongs to Philox counter
 ``m * ceil(K / 8) + k // 8``; one call yields four 32-bit words, i.e. eight 16-bit
@@ -31,11 +31,17 @@ GROUP = 8  # keep decisions per Philox call: 4 words x 2 halves
 SEED_BOUND = 2**31 - 1  # seeds are drawn in [0, SEED_BOUND) so they pass as a kernel i32
 
 
-def dropout_seed() -> torch.Tensor:
-    """Draw a dropout seed from torch's default CPU generator (``torch.manual_seed`` makes it
-    reproducible). A 0-d int64 CPU tensor, so drawing it never syncs a GPU and
-    ``torch.compile`` can trace it."""
-    return torch.randint(0, SEED_BOUND, (), dtype=torch.int64)
+def dropout_seed(device=None) -> torch.Tensor:
+    """Draw a dropout seed from the default generator of ``device`` (the CPU's by default):
+    a 0-d int64 tensor on that device, which the kernels read in-kernel. ``torch.manual_seed``
+    makes it reproducible; drawing never syncs a GPU and ``torch.compile`` traces it.
+
+    On a CUDA device this is the graph-safe way PyTorch's own RNG ops and Inductor's
+    generated kernels take (seeds drawn into device memory, the generator's Philox offset
+    advanced per draw): inside ``torch.cuda.graph`` capture or ``torch.compile(mode=
+    "reduce-overhead")`` every replay draws a new seed, hence a new mask, instead of baking
+    one host integer into the graph."""
+    return torch.randint(0, SEED_BOUND, (), dtype=torch.int64, device=device)
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +79,9 @@ def keep_threshold(p: float) -> int:
 def dropout_keep_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     """The kernels' boolean keep-mask (True = kept) for an input of ``shape`` (``x.shape``).
 
-    ``seed`` is an int or the 0-d tensor from :func:`dropout_seed`; the mask depends only on
-    (seed, row, column) of x viewed as (-1, in_features), see the module docstring.
+    ``seed`` is an int or the 0-d tensor from :func:`dropout_seed` (reading a CUDA one syncs);
+    the mask depends only on (seed, row, column) of x viewed as (-1, in_features), see the
+    module docstring.
     """
     shape = tuple(shape)
     cols = shape[-1]

@@ -5,14 +5,15 @@
 ``x'`` is ``x`` with LoRA-style dropout applied to the first ``dropout_rows`` rows of
 ``D`` only (the trainable down rows); the remaining (frozen, spectral) rows see the clean
 input. Only the first ``grad_rows`` rows of ``D`` and columns of ``U`` receive gradient
-(the rest are frozen spectral factors, treated as constants). Computed with float32 accumulation (float64 when any input is float64) and
-returned in ``x``'s dtype. Differentiable by autograd; runs on any device.
+(the rest are frozen spectral factors, treated as constants). Computed with float32
+accumulation (float64 when any input is float64) and returned in ``x``'s dtype.
+Differentiable by autograd; runs on any device.
 """
 from __future__ import annotations
 
 import torch
 
-from ._validate import check_adapter_inputs
+from .validate import check_adapter_inputs
 
 
 def dropout_mask(shape, p: float, *, device=None, generator=None) -> torch.Tensor:
@@ -40,8 +41,8 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
             of drawing one (lets a test feed the mask a kernel generated).
         generator: RNG for the mask when ``mask`` is None.
     """
-    rd, rg = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p, dropout_rows,
-                                  grad_rows)
+    dropout_rows, grad_rows = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p,
+                                                   dropout_rows, grad_rows)
     acc = torch.promote_types(x.dtype, torch.float32)
     xa = x.to(acc)
     base = xa @ weight.to(acc).T
@@ -49,17 +50,17 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
         base = base + bias.to(acc)
     d = down.to(acc)
     u = up.to(acc)
-    if rg < d.shape[0]:
-        d = torch.cat([d[:rg], d[rg:].detach()])
-        u = torch.cat([u[:, :rg], u[:, rg:].detach()], dim=1)
-    if training and dropout_p > 0 and rd > 0:
+    if grad_rows < d.shape[0]:
+        d = torch.cat([d[:grad_rows], d[grad_rows:].detach()])
+        u = torch.cat([u[:, :grad_rows], u[:, grad_rows:].detach()], dim=1)
+    if training and dropout_p > 0 and dropout_rows > 0:
         if mask is None:
             mask = dropout_mask(x.shape, dropout_p, device=x.device, generator=generator)
         elif mask.shape != x.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor shaped like x {tuple(x.shape)}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
         xd = xa * mask.to(acc) / (1.0 - dropout_p)
-        t = torch.cat([xd @ d[:rd].T, xa @ d[rd:].T], dim=-1)
+        t = torch.cat([xd @ d[:dropout_rows].T, xa @ d[dropout_rows:].T], dim=-1)
     else:
         t = xa @ d.T
     t = t * scale.to(acc)

@@ -29,11 +29,12 @@ import torch
 from safetensors.torch import save as _save_bytes
 from torch import nn
 
+from .._version import __version__
+from ..integrations.inject import adapt_layers, adapter_layers, unwrap
 from ..modules import AdapterLinear
-from ..serialization import FLOAT_NAMES, AdapterFileError, TensorFile, _commit, _is_int
-from ..serialization import _is_number, check_schema
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_config
-from .inject import adapt_layers, adapter_layers, unwrap
+from .container import TensorFile, commit_files
+from .directory import CONFIG_NAME, WEIGHTS_NAME, read_config
+from .schema import FLOAT_NAMES, AdapterFileError, check_schema, is_int, is_number
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(?P<name>.+)\.lora_(?P<part>[AB])\.weight")
@@ -83,13 +84,13 @@ def _is_pattern(value_ok):
 # The PEFT config fields we read (PEFT writes many more, version-dependent: those pass).
 PEFT_SCHEMA = {
     "peft_type": (True, lambda v: isinstance(v, str), "a string"),
-    "r": (False, lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "lora_alpha": (False, lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "lora_dropout": (False, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "r": (False, lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "lora_alpha": (False, lambda v: is_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (False, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "use_rslora": (False, lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (False, _is_pattern(lambda x: _is_int(x) and x >= 1),
+    "rank_pattern": (False, _is_pattern(lambda x: is_int(x) and x >= 1),
                      "a map of module names to ranks >= 1"),
-    "alpha_pattern": (False, _is_pattern(lambda x: _is_number(x) and x > 0),
+    "alpha_pattern": (False, _is_pattern(lambda x: is_number(x) and x > 0),
                       "a map of module names to alphas > 0"),
 }
 _FLOATS = tuple(getattr(torch, name) for name in FLOAT_NAMES)
@@ -119,7 +120,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     The adapted model's outputs equal those of ``PeftModel.from_pretrained(model, directory)``
     up to fp32 rounding; its adapters are trainable and can be saved with ``save_adapter``
     or exported back with :func:`export_peft_adapter`. Raises ``ValueError``
-    (:class:`~speclora_kernels.serialization.AdapterFileError` for the files) for other PEFT
+    (:class:`~speclora_kernels.AdapterFileError` for the files) for other PEFT
     methods, unsupported LoRA features (DoRA, biases, modules_to_save, ...), tensors other
     than float ``lora_A``/``lora_B``, missing modules, or shapes that do not fit, all found
     from the config and the safetensors header before tensor data is read and before the
@@ -173,7 +174,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
                                        f"got {dtype_a} / {dtype_b}")
             lora_alpha = _pattern_value(alpha_pattern, name, alpha0)
             scaling = lora_alpha / r ** 0.5 if config.get("use_rslora") else lora_alpha / r
-            specs[name] = {"method": "lora", "r": r, "alpha": scaling * r,
+            specs[name] = {"method": "lora", "options": {"r": r, "alpha": scaling * r},
                            "dropout": float(config.get("lora_dropout", 0.0)),
                            "adapter_dtype": adapter_dtype}
             keys[name] = pair
@@ -258,13 +259,11 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
         "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
     }
-    from .. import __version__
-
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "pt", "exported_by": f"speclora_kernels {__version__}",
             "methods": ",".join(sorted({layer.adapter.name for layer in layers.values()}))}
     # both staged and fsynced before either is renamed: a failed write changes neither file
-    _commit([(os.path.join(directory, WEIGHTS_NAME), _save_bytes(tensors, metadata=meta)),
+    commit_files([(os.path.join(directory, WEIGHTS_NAME), _save_bytes(tensors, metadata=meta)),
              (os.path.join(directory, CONFIG_NAME),
               (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())])
     return os.fspath(directory)

@@ -3,7 +3,7 @@ so that a resumed run continues bit-exactly where the saved one was.
 
 ``save_checkpoint(directory, model, optimizer, step=...)`` writes
 
-- ``adapter_config.json`` + ``adapter_model.safetensors``: :func:`save_adapter`;
+- ``adapter_config.json`` + ``adapter_model.safetensors``: :func:`.model.save_adapter`;
 - ``trainer_state.safetensors``: the optimizer's state tensors (``exp_avg``, ``step``, ...),
   the torch CPU / CUDA RNG states and numpy's as tensors; its header embeds (as JSON) the
   param groups, scalar state, Python's RNG state, the step, the trainable parameters' names
@@ -26,21 +26,25 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 
 import torch
 from torch import nn
 
-from ..serialization import (HEADER_SCHEMA, SHA_KEY, AdapterFileError, TensorFile, _commit,
-                             encode_adapter, open_adapter, read_verified, tensor_table)
-from .adapter_files import WEIGHTS_NAME, load_adapter, save_adapter
+from .._version import __version__
+from ..integrations.fsdp import is_sharded, place_like, ranks_agree, to_cpu_whole, writer_rank_only
+from .container import (SHA_KEY, TensorFile, commit_files, encode_container, open_container,
+                        read_verified, tensor_table)
+from .directory import WEIGHTS_NAME
+from .model import load_adapter, save_adapter
+from .schema import AdapterFileError, is_int
 
 STATE_NAME = "trainer_state.safetensors"
 STATE_FORMAT = "speclora_kernels.trainer_state"
-_STATE_SCHEMA = {
-    **HEADER_SCHEMA,
-    "format": (True, lambda v: v == STATE_FORMAT, repr(STATE_FORMAT)),
-    "step": (True, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-             "an int >= 0"),
+STATE_VERSION = 1
+# The trainer state's keys besides the container header's.
+_STATE_FIELDS = {
+    "step": (True, lambda v: is_int(v) and v >= 0, "an int >= 0"),
     "adapter_sha256": (True, lambda v: isinstance(v, str) and len(v) == 64, "a sha256"),
     "param_names": (True, lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
                     "a list of parameter names"),
@@ -72,19 +76,22 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer, *, step: int,
                     extra: dict | None = None) -> str:
     """Save the adapter, ``optimizer``'s state and the RNG states to ``directory`` (see the
-    module docstring); consumes no random numbers. Returns the directory."""
+    module docstring); consumes no random numbers. Returns the directory.
+
+    Under FSDP2 every rank calls it: adapter and optimizer state are gathered whole and
+    rank 0 writes the files one process would, with its RNG states (it warns if another
+    rank's differ: seed every rank alike for a bitwise resume)."""
     directory = os.fspath(directory)
     names = _param_names(model, optimizer)
+    sharded = is_sharded(model)
     save_adapter(model, directory)
-    with TensorFile(os.path.join(directory, WEIGHTS_NAME)) as adapter:
-        adapter_sha = adapter.metadata[SHA_KEY]
     saved = optimizer.state_dict()
     tensors, state = {}, {}
     for index, entries in saved["state"].items():
         state[str(index)] = {}
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            if isinstance(value, torch.Tensor):  # whole (gathered under FSDP2)
+                tensors[f"state.{index}.{key}"] = to_cpu_whole(value)
             else:
                 state[str(index)][key] = value
     groups, tuple_keys = [], []
@@ -107,15 +114,26 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module,
         tensors["rng.numpy"] = torch.from_numpy(keys.astype("int64"))
         numpy_rng = [name, int(pos), int(has_gauss), float(cached)]
     version, py_state, gauss = random.getstate()
-    from .. import __version__
-
-    config = {"format": STATE_FORMAT, "format_version": 1, "library_version": __version__,
-              "step": step, "adapter_sha256": adapter_sha, "param_names": names,
+    if sharded and not ranks_agree([tensors[k] for k in tensors if k.startswith("rng.")],
+                                   [py_state, numpy_rng]):
+        warnings.warn("save_checkpoint under FSDP2: the ranks' RNG states differ and the "
+                      "checkpoint holds rank 0's, which load_checkpoint restores on every "
+                      "rank; a resumed run is bitwise the uninterrupted one only when every "
+                      "rank is seeded alike", stacklevel=2)
+    config = {"format": STATE_FORMAT, "format_version": STATE_VERSION,
+              "library_version": __version__,
+              "step": step, "adapter_sha256": None, "param_names": names,
               "param_groups": groups, "tuple_keys": tuple_keys, "state": state,
               "python_rng": [version, list(py_state), gauss], "numpy_rng": numpy_rng,
               "cuda_devices": cuda, "extra": dict(extra or {}), "tensors": tensor_table(tensors)}
-    blob, _ = encode_adapter(tensors, config)
-    _commit([(os.path.join(directory, STATE_NAME), blob)])
+
+    def write():
+        with TensorFile(os.path.join(directory, WEIGHTS_NAME)) as adapter:
+            config["adapter_sha256"] = adapter.metadata[SHA_KEY]
+        blob, _ = encode_container(tensors, config)
+        commit_files([(os.path.join(directory, STATE_NAME), blob)])
+
+    writer_rank_only(sharded, write)
     return directory
 
 
@@ -127,7 +145,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
     Returns ``{"step": ..., "extra": ...}``."""
     directory = os.fspath(directory)
     path = os.path.join(directory, STATE_NAME)
-    file, config = open_adapter(path, None, extra=False, schema=_STATE_SCHEMA)
+    file, config = open_container(path, None, format=STATE_FORMAT, version=STATE_VERSION,
+                                  fields=_STATE_FIELDS, extra=False)
     with file:
         tensors = read_verified(file)
     with TensorFile(os.path.join(directory, WEIGHTS_NAME)) as adapter:
@@ -163,7 +182,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
             if t.dim() > 0 and t.shape != param.shape:
                 raise AdapterFileError(f"{path}: {name} is {list(t.shape)}, its parameter "
                                        f"{names[int(index)]} is {list(param.shape)}")
-            state[int(index)][key] = t
+            state[int(index)][key] = place_like(t, param) if t.dim() > 0 else t  # FSDP2: a shard
     param_groups = []
     if len(config["tuple_keys"]) != len(config["param_groups"]):
         raise AdapterFileError(f"{path}: tuple_keys must list one group per param group")

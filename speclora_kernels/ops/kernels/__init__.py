@@ -1,0 +1,1 @@
+"""The ``@triton.jit`` kernels of the op; launched only through ``ops.tuning``."""

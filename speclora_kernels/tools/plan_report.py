@@ -1,0 +1,206 @@
+"""What the op launches on an H100, planned on "meta" tensors (no GPU, no interpreter):
+
+    python -m speclora_kernels.tools.plan_report [--json PATH]
+
+- **decode**: every Llama-3-8B / Mistral-7B and Qwen2.5-7B projection, M = 1 and 16, R = 16,
+  48, 64, bf16 and NF4 bases: the forward's path, programs and waves on 132 SMs, the
+  predicted time (``tools.gpu_model``) and the floor (W read once + one launch); beside
+  them the plan before split-K (the fused kernel, one program per 256-wide column tile)
+  under the bandwidth-only prediction (``floors.predict_h100``) the old tables used and
+  under this model;
+- **NF4 decodes per call**: how many times a forward and a backward decode W, at M = 16,
+  512 and 8192;
+- **factor gradients**: programs of the factor-gradient launch at M = 512 and 8192;
+- **host time**: Python microseconds per call of the public op on CPU tensors with every
+  launch in dry-run mode (argument checks, the cached launch recipe, output allocation:
+  all but Triton's own launch), median of repeated calls, measured on this CPU.
+
+Launches come from ``ops.tuning.record_launches(dry_run=True)``; configs are the
+timing-free choice (``tuning.tuning("heuristic")``), so the report is the same on any
+machine. Every time in it but the host figures is a prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # plans, not interpreted runs
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from ..ops import fused_adapter_linear, launch, plan, tuning  # noqa: E402
+from ..quant import NF4Weight  # noqa: E402
+from .floors import NF4_DECODE_TABLE_BYTES, nf4_weight_bytes, predict_h100  # noqa: E402
+from .gpu_model import predict, weight_floor  # noqa: E402
+
+SHAPES = {"q_proj/o_proj 4096x4096": (4096, 4096), "k_proj/v_proj 4096->1024": (1024, 4096),
+          "gate/up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336),
+          "qwen q/o 3584x3584": (3584, 3584), "qwen k/v 3584->512": (512, 3584),
+          "qwen gate/up 3584->18944": (18944, 3584), "qwen down 18944->3584": (3584, 18944)}
+META = dict(device="meta", dtype=torch.bfloat16)
+
+
+def _nf4(N: int, K: int) -> NF4Weight:
+    blocks = -(-N * K // 64)
+    return NF4Weight(torch.empty(-(-N * K // 2), device="meta", dtype=torch.uint8),
+                     torch.empty(blocks, device="meta", dtype=torch.uint8), (N, K),
+                     torch.bfloat16, 64,
+                     absmax2=torch.empty(-(-blocks // 256), device="meta"),
+                     code2=torch.empty(256, device="meta"), offset=torch.empty((), device="meta"))
+
+
+def _inputs(M, N, K, R, nf4):
+    weight = _nf4(N, K) if nf4 else torch.empty(N, K, **META)
+    return (torch.empty(M, K, **META), weight, None, torch.empty(R, K, **META),
+            torch.empty(R, device="meta"), torch.empty(N, R, **META))
+
+
+def _launches(M, N, K, R, nf4, backward=False):
+    x, w, b, d, s, u = _inputs(M, N, K, R, nf4)
+    with tuning.record_launches(dry_run=True) as launches:
+        if backward:
+            launch.adapter_backward(torch.empty(M, N, **META), x, w, d, s, u,
+                                    torch.empty(M, R, device="meta"), None, 0.0, 0, R, True,
+                                    True, True, True)
+        else:
+            launch.adapter_forward(x, w, b, d, s, u, None, 0.0, 0, True)
+    return launches
+
+
+def _programs(kernel, args) -> int:
+    return kernel.programs(args, kernel.choose(args, torch.device("meta")))
+
+
+def decode_rows() -> list[dict]:
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        for nf4 in (False, True):
+            weight = nf4_weight_bytes(N, K) + NF4_DECODE_TABLE_BYTES if nf4 else 2 * N * K
+            for M in (1, 16):
+                for R in (16, 48, 64):
+                    (kernel, args), = _launches(M, N, K, R, nf4)
+                    p = plan.forward_plan(M, N, K, R, rank_cap=64, weight_bytes=weight,
+                                          element_size=2, nf4=nf4)
+                    cost = plan.decode_launch(M, N, K, R, weight, 2, nf4, p.block_n, p.splits)
+                    pred, floor = predict([cost]), weight_floor(N, K, weight_bytes=weight)
+                    # the plan before split-K: the fused kernel's 16 x 256 tiles, one program
+                    # per column tile; as the bandwidth-only model saw it, and as this one does
+                    before = plan.decode_launch(M, N, K, R, weight, 2, nf4, 256)
+                    old = predict_h100(int(before.dram_bytes), int(before.flops), 1)
+                    rows.append({"shape": name, "base": "nf4" if nf4 else "bf16", "M": M,
+                                 "R": R, "kernel": kernel.name, "block_n": p.block_n,
+                                 "splits": p.splits, "programs": _programs(kernel, args),
+                                 "waves": _programs(kernel, args) / 132,
+                                 "predicted_us": pred.us, "floor_us": floor.us,
+                                 "vs_floor": pred.seconds / floor.seconds,
+                                 "bound": pred.parts[0][2],
+                                 "fused_programs": before.programs,
+                                 "fused_bandwidth_only_us": old.us,
+                                 "fused_predicted_us": predict([before]).us})
+    return rows
+
+
+def decodes_per_call(N=4096, K=4096, R=48) -> list[dict]:
+    """Times W is decoded by one forward and one backward (dx) on an NF4 base."""
+    rows = []
+    for M in (16, 512, 8192):
+        for backward in (False, True):
+            count = 0.0
+            for kernel, args in _launches(M, N, K, R, True, backward):
+                cfg = kernel.choose(args, torch.device("meta"))
+                full = {**args, **cfg.kwargs}
+                if kernel is tuning.DEQUANT:
+                    count += 1
+                elif full.get("NF4") and kernel in (tuning.FWD, tuning.DX):
+                    count += triton.cdiv(M, full["BLOCK_M"])
+                elif full.get("NF4") and kernel is tuning.SPLITK:
+                    count += 1
+            rows.append({"M": M, "pass": "backward (dx)" if backward else "forward",
+                         "decodes": count})
+    return rows
+
+
+def factor_rows(R=48) -> list[dict]:
+    rows = []
+    for name, (N, K) in list(SHAPES.items())[:4]:
+        for M in (512, 8192):
+            (kernel, args), = [(k, a) for k, a in _launches(M, N, K, R, False, True)
+                               if k is tuning.FACTOR]
+            programs = _programs(kernel, args)
+            rows.append({"shape": name, "M": M, "splits": args["n_msplits"],
+                         "programs": programs, "waves": programs / 132})
+    return rows
+
+
+def host_us(M=1, N=4096, K=4096, R=48, batches=40, calls=100) -> dict:
+    """Python microseconds per call of the public op on CPU tensors, every launch a dry run
+    (a repeated call: its launch recipe is cached). Timed in the calling thread's CPU time
+    (``time.thread_time``: time the thread is descheduled by other processes is not
+    counted), the median over ``batches`` batches of ``calls`` calls."""
+    out = {}
+    for grad in (False, True):
+        x, w, b, d, s, u = (torch.empty_like(v, device="cpu") if v is not None else None
+                            for v in _inputs(M, N, K, R, False))
+        if grad:
+            d.requires_grad_()
+            u.requires_grad_()
+        times = []
+        with tuning.record_launches(dry_run=True) as launches, torch.set_grad_enabled(grad):
+            for _ in range(batches + 5):
+                start = time.thread_time()
+                for _ in range(calls):
+                    fused_adapter_linear(x, w, b, d, s, u)
+                    launches.clear()
+                times.append((time.thread_time() - start) / calls)
+        out["forward, training" if grad else "forward, inference"] = \
+            statistics.median(times[5:]) * 1e6
+    return out
+
+
+def _table(rows: list[dict], keys: list[str]) -> str:
+    fmt = {float: lambda v: f"{v:.2f}"}
+    body = [[fmt.get(type(r[k]), str)(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(b[i]) for b in body)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write every row as JSON to this path")
+    opts = parser.parse_args(argv)
+    with tuning.tuning("heuristic"):
+        report = {"decode": decode_rows(), "nf4_decodes": decodes_per_call(),
+                  "factor_gradients": factor_rows(), "host_us": host_us()}
+    print("Decode forward, predicted by tools.gpu_model; fused_*: the plan before split-K (one "
+          "program per 256-wide column tile) under the bandwidth-only model the old tables "
+          "used and under this one:")
+    print(_table(report["decode"], ["shape", "base", "M", "R", "kernel", "block_n", "splits",
+                                    "programs", "waves", "predicted_us", "floor_us",
+                                    "vs_floor", "bound", "fused_programs",
+                                    "fused_bandwidth_only_us", "fused_predicted_us"]))
+    print("\nNF4 decodes of W per call (4096x4096, R = 48):")
+    print(_table(report["nf4_decodes"], ["M", "pass", "decodes"]))
+    print("\nFactor-gradient launch (R = 48):")
+    print(_table(report["factor_gradients"], ["shape", "M", "splits", "programs", "waves"]))
+    print("\nHost time per call, measured here (dry-run launches, 4096x4096, M = 1, R = 48):")
+    for what, us in report["host_us"].items():
+        print(f"  {what}: {us:.1f} us")
+    worst = max(report["decode"], key=lambda r: r["vs_floor"])
+    print(f"\nworst decode vs floor: {worst['vs_floor']:.3f} ({worst['shape']}, {worst['base']}, "
+          f"M = {worst['M']}, R = {worst['R']}); fewest programs: "
+          f"{min(r['programs'] for r in report['decode'])}")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

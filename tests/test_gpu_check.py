@@ -1,0 +1,327 @@
+"""``python -m speclora_kernels.tools.gpu_check``, proven without a GPU: the command refuses
+to run without CUDA; the planner keeps correctness first and the estimate within the
+budget; the covering design covers every pair; the report and exit status follow the
+results; the worker pool survives a crashing job; the whole command, with the GPU work
+faked, writes both reports; and the correctness jobs themselves pass in the interpreter."""
+import itertools
+import json
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from speclora_kernels.tools.gpu_check import budget, cases, collect, report
+
+PLAN_ARGS = dict(cover_cases=len(cases.covering_design()), max_cases=cases.product_size(),
+                 layer_jobs=12, forced_configs=39)
+TIMING = [("dense", 64, 3.0, 8, None), ("nf4", 32, 3.0, 4, None)]
+CORRECTNESS = ("cases", "dropout_mask", "layers", "forced_configs")
+TIMINGS = ("ceilings", "stream_scan", "dense", "nf4")
+
+
+def plan(seconds, cores=16, gpus=1, timing=TIMING, **kw):
+    return budget.make_plan(seconds, cores, gpus, timing_items=timing, **{**PLAN_ARGS, **kw})
+
+
+# ------------------------------------------------------------------ the command
+def test_cli_without_cuda_exits_2_with_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "speclora_kernels.tools.gpu_check", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ covering design
+def test_covering_design_covers_every_pair():
+    design = cases.covering_design()
+    for a, b in itertools.combinations(cases.AXES, 2):
+        seen = {(row[a], row[b]) for row in design}
+        assert seen == set(itertools.product(cases.AXES[a], cases.AXES[b])), (a, b)
+    lower = max(len(x) * len(y) for x, y in itertools.combinations(cases.AXES.values(), 2))
+    assert lower <= len(design) < 2 * lower < cases.product_size() / 100
+    assert design == cases.covering_design()  # deterministic
+    # built greedily: every prefix covers at least as much as any shorter one
+    coverage = [cases.pair_coverage(design[:n])[0] for n in range(1, len(design) + 1)]
+    assert coverage == sorted(coverage) and coverage[-1] == cases.pair_coverage(design)[1]
+
+
+def test_correctness_cases_trim_then_extend():
+    cover = cases.covering_design()
+    short, exact, long = (cases.correctness_cases(n) for n in (10, len(cover), 150))
+    strip = [{k: v for k, v in c.items() if k != "id"} for c in long]
+    assert len(short) == 10 and len(exact) == len(cover) and len(long) == 150
+    assert strip[:len(cover)] == cover
+    assert len({cases.case_label(c) for c in long}) == 150  # extras repeat nothing
+    assert [c["id"] for c in long[:3]] == ["c000", "c001", "c002"]
+    assert long == cases.correctness_cases(150)
+
+
+# ------------------------------------------------------------------ planner
+@pytest.mark.parametrize("seconds", [60, 120, 300, 600, 900, 1800])
+@pytest.mark.parametrize("cores,gpus", [(16, 1), (2, 1), (16, 2), (64, 8)])
+def test_plan_fits_the_budget_correctness_first(seconds, cores, gpus):
+    p = plan(seconds, cores, gpus)
+    assert p.estimate <= seconds
+    assert p.workers == min(cores, 8)
+    order = p.order()
+    assert order[0] == "cases" and p.units("cases") >= budget.MIN_CASES
+    # correctness, then runtime behaviour, then timings
+    ranks = [0 if i.name in CORRECTNESS else 2 if i.stage == "timing" else 1 for i in p.items]
+    assert ranks == sorted(ranks)
+    assert all(i.stage in ("pool", "serial", "pytest", "timing") for i in p.items)
+    # every skipped item says why; planned and skipped cover every item once
+    assert all(reason for _, _, reason in p.skipped)
+    names = set(order) | {n for n, _, _ in p.skipped}
+    assert {"cases", "graph_step", "pytest", "devices", *CORRECTNESS, *TIMINGS} <= names
+
+
+def test_plan_scales_cases_with_the_budget():
+    counts = [plan(s).units("cases") for s in (60, 300, 900)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[0] >= PLAN_ARGS["cover_cases"]          # the cover fits a minute on 16 cores
+    assert plan(30).units("cases") < PLAN_ARGS["cover_cases"]  # trimmed, not dropped
+    assert plan(5).units("cases") == budget.MIN_CASES
+    slow = plan(300, costs={"case": 12.0}).units("cases")
+    assert slow < counts[1]
+
+
+def test_plan_never_trades_correctness_for_timings():
+    for seconds in (60, 300, 900, 3000):
+        with_timings, without = plan(seconds), plan(seconds, timing=[])
+        for name in CORRECTNESS + ("graph_step", "pytest"):
+            assert with_timings.units(name) == without.units(name), (seconds, name)
+        if any(with_timings.get(n) for n in TIMINGS):
+            assert all(with_timings.units(n) == full for n, full in
+                       (("layers", 12), ("forced_configs", 39), ("dropout_mask", 1)))
+
+
+def test_plan_skips_with_reasons():
+    short = plan(300, gpus=1)
+    reasons = {n: r for n, _, r in short.skipped}
+    assert reasons["devices"] == "skipped: one GPU"
+    assert "devices" in plan(300, gpus=2).order()
+    assert reasons["dense"].startswith("budget")  # no time left for timings at 300 s
+    roomy = plan(3000, timing=[("dense", 64, 3.0, 8, None),
+                               ("nf4", 32, 3.0, 4, "skipped: bitsandbytes not importable")])
+    assert roomy.units("dense") == 64 and roomy.get("nf4") is None
+    assert dict((n, r) for n, _, r in roomy.skipped)["nf4"] == \
+        "skipped: bitsandbytes not importable"
+    no_tests = plan(900, pytest_available=False)
+    assert no_tests.get("pytest") is None
+    assert "tests/ not found" in dict((n, r) for n, _, r in no_tests.skipped)["pytest"]
+    d = plan(900).to_dict()
+    assert json.loads(json.dumps(d))["items"][0]["name"] == "cases"
+
+
+def test_timing_registry_feeds_the_planner(monkeypatch):
+    from speclora_kernels.tools.gpu_check import timings
+
+    monkeypatch.setattr(timings.REGISTRY["nf4"], "requires", lambda: None)  # no bnb import
+
+    items = {name: rest for name, *rest in timings.planner_items()}
+    assert items["dense"][0] == 64 and items["nf4"][0] == 32
+    pair = timings.REGISTRY["dense"]
+    warm = pair.prewarm_points()
+    assert {(p.M, p.mode) for p in warm} == {(m, mode) for m in (1, 16, 512, 8192)
+                                             for mode in timings.MODES}
+
+
+# ------------------------------------------------------------------ report
+def fake_results():
+    return [
+        report.CheckResult("correctness.cases", "pass", 12.5, 20.0, "40/40 cases passed",
+                           {"cases": 40, "worst": 0.25, "nan": float("nan")},
+                           {"by dtype": [{"dtype": "bf16", "cases": 10, "worst": 0.31}]},
+                           data={"cases": [{"id": "c000"}]}),
+        report.CheckResult("pytest", "partial", 60.0, 60.0, "120 passed; stopped at its limit",
+                           {"passed": 120}),
+        report.skipped("timings.dense", "budget: needs ~18 s, 3 s left"),
+    ]
+
+
+def test_report_writes_json_and_markdown(tmp_path):
+    meta = {"gpu": "NVIDIA H200", "sms": 132, "seed": 7}
+    results = fake_results()
+    json_path, md_path = report.write(str(tmp_path), meta, plan(300).to_dict(), results)
+    data = json.loads(open(json_path).read())
+    assert data["result"] == "PASS" and data["exit_status"] == 0
+    assert [c["name"] for c in data["checks"]] == [r.name for r in results]
+    assert data["checks"][0]["numbers"]["nan"] == "nan"           # valid JSON
+    assert data["checks"][0]["data"]["cases"] == [{"id": "c000"}]
+    md = open(md_path).read()
+    assert md.startswith("# gpu_check: PASS") and "NVIDIA H200" in md
+    for r in results:
+        assert f"| {r.name} | {r.status} |" in md
+    assert "| bf16 | 10 | 0.31 |" in md and "c000" not in md      # data stays in the JSON
+    assert "- timings.dense: budget: needs ~18 s, 3 s left" in md
+    assert len(md.splitlines()) < 80
+
+
+def test_exit_status_only_zero_if_every_check_that_ran_passed():
+    ok = fake_results()
+    assert report.exit_status(ok) == 0
+    for bad in ("fail", "error"):
+        assert report.exit_status(ok + [report.CheckResult("x", bad)]) == 1
+    assert report.exit_status([report.skipped("x", "why")]) == 1  # nothing ran
+    with pytest.raises(ValueError, match="status"):
+        report.CheckResult("x", "ok")
+
+
+def test_cases_check_counts_and_groups():
+    cs = cases.correctness_cases(6)
+    results = {c["id"]: {"status": "pass", "worst_over_tol": 0.1 * i, "errors": {"y": 1e-6}}
+               for i, c in enumerate(cs[:4])}
+    results[cs[4]["id"]] = {"status": "fail", "worst_over_tol": 3.0, "errors": {"y": 0.03},
+                            "problems": ["y off"]}
+    check = collect.cases_check(cs, results, 1.0, 2.0)
+    assert check.status == "fail" and check.numbers["not_run"] == 1
+    assert check.tables["failures"][0]["problems"] == "y off"
+    assert sum(g["cases"] for g in check.tables["by dtype"]) == 5
+    del results[cs[4]["id"]]
+    assert collect.cases_check(cs, results, 1.0, 2.0).status == "partial"
+
+
+def test_pytest_command_and_counts(monkeypatch):
+    from speclora_kernels.tools.gpu_check import runtime
+
+    assert runtime.repo_root() is not None
+    cmd, deselected = runtime.pytest_command(1)
+    assert cmd[cmd.index("-m") + 1:][:3] == ["pytest", "-q", "-x"]
+    assert all(f in cmd for f in runtime.TEST_FILES) and "-n" not in cmd
+    names = {n for n, _ in deselected}
+    assert "test_keep_mask_is_the_kernels_mask" in names and "test_cpu_backend" in names
+    monkeypatch.setattr(runtime, "_have", lambda m: m == "xdist")  # no bitsandbytes
+    cmd, deselected = runtime.pytest_command(8)
+    assert cmd[-2:] == ["-n", "8"]
+    assert "test_layer_from_linear4bit_through_kernels" in {n for n, _ in deselected}
+    assert runtime.parse_pytest("x\n== 1 failed, 97 passed, 2 skipped, 5 deselected in 9s ==") \
+        == {"failed": 1, "passed": 97, "skipped": 2, "deselected": 5}
+    # cut short by the time limit: counted from the progress lines
+    assert runtime.parse_pytest("....F.s. [ 10%]\n..E\n") == \
+        {"passed": 8, "failed": 1, "skipped": 1, "errors": 1}
+
+
+# ------------------------------------------------------------------ pool
+def test_pool_reports_crashes_and_runs_the_rest():
+    from speclora_kernels.tools.gpu_check.pool import Pool
+
+    jobs = [{"id": "e0", "kind": "echo", "payload": [1, "a"]},
+            {"id": "boom", "kind": "exit", "payload": 3}]
+    pool = Pool(1)  # one spawn: a worker costs seconds of imports here
+    out = pool.run(jobs, time.monotonic() + 120)
+    assert out["boom"]["status"] == "crashed" and "code 3" in out["boom"]["error"]
+    assert out["e0"]["status"] == "pass" and out["e0"]["payload"] == [1, "a"]
+    late = Pool(1).run([{"id": "a", "kind": "echo", "payload": 0}], time.monotonic() - 1)
+    assert late["a"]["status"] == "not run"
+
+
+# ------------------------------------------------------------------ the whole command
+class FakePool:
+    """Runs no process: every job passes, except those named in ``fail``."""
+
+    fail = ()
+
+    def __init__(self, workers):
+        self.workers, self.start_seconds, self.kinds = workers, 0.0, []
+
+    def run(self, jobs, deadline, on_result=None):
+        out = {}
+        for job in jobs:
+            self.kinds.append(job["kind"])
+            r = {"status": "pass", "seconds": 0.1, "worst_over_tol": 0.1, "errors": {"y": 1e-6},
+                 "rows": [{"replay": 0, "seed": 1}], "losses": [1.0, 0.9]}
+            if job["id"] in self.fail:
+                r = {"status": "fail", "worst_over_tol": 5.0, "errors": {"y": 0.5},
+                     "problems": ["wrong"]}
+            out[job["id"]] = r
+        return out
+
+
+@pytest.mark.parametrize("fail", [(), ("c003",)])
+def test_command_with_the_gpu_faked(tmp_path, monkeypatch, fail):
+    from speclora_kernels.tools.gpu_check import __main__ as cli
+    from speclora_kernels.tools.gpu_check import pool, runtime, timings, tuning_checks
+
+    monkeypatch.setattr(pool, "Pool", type("P", (FakePool,), {"fail": fail}))
+    monkeypatch.setattr(timings.REGISTRY["nf4"], "requires", lambda: "skipped: no bnb")
+    props = types.SimpleNamespace(name="Fake GPU", major=9, minor=0, multi_processor_count=132,
+                                  total_memory=141 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ok = {"status": "pass", "rows": [], "counts": {"passed": 3}, "seconds": 1.0}
+    for mod, name in ((tuning_checks, "first_call_cost"), (tuning_checks, "threads_on_cold_cache")):
+        monkeypatch.setattr(mod, name, lambda seed: ok)
+    monkeypatch.setattr(tuning_checks, "choices_in_two_processes", lambda timeout: ok)
+    monkeypatch.setattr(runtime, "run_pytest", lambda limit, workers: ok)
+    monkeypatch.setattr(timings, "ceilings", lambda: {"status": "pass", "copy_GBps": 4.3e3})
+    monkeypatch.setattr(timings, "stream_scan", lambda sms: {"status": "pass", "rows": [
+        {"programs": 1, "GBps": 60.0}, {"programs": 264, "GBps": 4e3}]})
+    monkeypatch.setattr(timings, "run_pair", lambda *a: {"status": "pass", "rows": [{"x": 1}]})
+    monkeypatch.setattr(cli, "_driver", lambda: "580.0")
+    args = cli.parse_args(["--out", str(tmp_path), "--budget", "900", "--workers", "16",
+                           "--seed", "3"])
+    rc = cli.Runner(args, torch).run()
+    data = json.loads((tmp_path / "report.json").read_text())
+    names = {c["name"]: c["status"] for c in data["checks"]}
+    assert rc == (1 if fail else 0) == data["exit_status"]
+    assert names["correctness.cases"] == ("fail" if fail else "pass")
+    assert names["devices"] == "skipped" and names["timings.dense"] == "pass"
+    assert names["timings.nf4"] == "skipped"
+    for check in ("dropout_mask", "correctness.layers", "correctness.forced_configs",
+                  "graph_step", "compile_step", "tuning.first_call", "tuning.processes",
+                  "pytest", "timings.ceilings", "timings.stream_scan"):
+        assert names[check] == "pass", check
+    assert data["meta"]["seed"] == 3 and data["meta"]["gpu"] == "Fake GPU"
+    assert (tmp_path / "report.md").read_text().startswith("# gpu_check: ")
+
+
+# ------------------------------------------------------------------ the jobs, interpreted
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run covers these")
+def test_correctness_jobs_pass_in_the_interpreter():
+    """The job code itself (inputs, reference, NaN poison, mask rebuild, path checks) on CPU
+    tensors in the Triton interpreter, at small sizes."""
+    from speclora_kernels.tools.gpu_check import correctness
+
+    picked = [c for c in cases.correctness_cases(40) if c["dtype"] == "fp32" and c["M"] <= 17
+              and c["base"] != "dense"][:2]
+    for case in picked:
+        r = correctness.run_case({"case": case, "seed": 1, "device": "cpu"})
+        assert r["status"] == "pass", (case, r)
+        assert set(r["path"].values()) == {case["path"]}
+    r = correctness.run_dropout_mask({"seed": 2, "device": "cpu", "M": 9, "K": 20,
+                                      "paths": ("fused", "split")})
+    assert r["status"] == "pass", r
+    assert all(row["fwd_mismatches"] == row["dx_mismatches"] == 0 for row in r["rows"])
+    r = correctness.run_layer({"method": "spectral_on_linear4bit", "dtype": "fp32", "seed": 3,
+                               "device": "cpu", "shape": (64, 40, 4)})
+    assert r["status"] == "pass" and r["base"] == "nf4", r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run covers this")
+def test_graph_check_recovers_the_seed_and_recomputes_the_step():
+    """The CUDA-graph check's two halves, eagerly: the seed the op saved for backward is
+    found, and the float64 step recomputed with its mask gives the kernels' gradients (with
+    another seed's mask it does not)."""
+    from speclora_kernels.ops import tuning
+    from speclora_kernels.tools.gpu_check import runtime
+    from speclora_kernels.tools.gpu_check.correctness import rel_err
+
+    layer = runtime.speclora_layer("cpu", 3, in_f=64, out_f=40, r=4, k=4)
+    named = runtime.trainable(layer)
+    x = torch.randn(6, 64)
+    start = {n: p.detach().clone() for n, p in named}
+    with tuning.tuning("heuristic"), runtime.saved_seeds() as seeds:
+        layer(x).square().mean().backward()
+    assert len(seeds) == 1
+    _, _, grads, mask = runtime.eager_step(layer, start, x, int(seeds[0]))
+    assert 0.5 < mask.float().mean() < 0.9
+    assert max(rel_err(p.grad, grads[n]) for n, p in named) < 1e-5
+    _, _, wrong, _ = runtime.eager_step(layer, start, x, int(seeds[0]) + 1)
+    assert max(rel_err(p.grad, wrong[n]) for n, p in named) > 1e-2
