@@ -49,9 +49,9 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from fractions import Fraction  # noqa: E402
-from unittest import mock  # noqa: E402
 from itertools import product  # noqa: E402
 from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -27,12 +27,19 @@ from pathlib import Path
 import torch
 
 from . import report
-from .contenders import (ADAPTERS, BASELINE, CONTENDERS, Unavailable, check_gradients,
-                         check_output, make_problem)
+from .contenders import ADAPTERS, BASELINE, CONTENDERS, Unavailable, check_gradients, check_output, make_problem
 from .env import ROOT, environment
 from .shapes import MODEL_SHAPES, MODES, PROFILES, SMOKE_SHAPE, Case, select
-from .timing import (GRAPH_MAX_TOKENS, Rotation, cache_bytes, mode_callable, peak_memory,
-                     rotation_count, time_cuda, time_interleaved)
+from .timing import (
+    GRAPH_MAX_TOKENS,
+    Rotation,
+    cache_bytes,
+    mode_callable,
+    peak_memory,
+    rotation_count,
+    time_cuda,
+    time_interleaved,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESULTS = ROOT / "benchmarks" / "results"

@@ -7,10 +7,17 @@ from .integrations import inject, merge_and_unload, parameter_summary
 from .methods import METHODS, register_method
 from .modules import AdapterLinear
 from .ops import fused_adapter_linear
-from .persistence import (AdapterFileError, export_peft_adapter, load_adapter, load_checkpoint,
-                          load_layer_adapter, load_peft_adapter, save_adapter, save_checkpoint,
-                          save_layer_adapter)
-
+from .persistence import (
+    AdapterFileError,
+    export_peft_adapter,
+    load_adapter,
+    load_checkpoint,
+    load_layer_adapter,
+    load_peft_adapter,
+    save_adapter,
+    save_checkpoint,
+    save_layer_adapter,
+)
 
 
 def patch_peft(model=None) -> int:

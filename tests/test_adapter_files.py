@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 from speclora_kernels import METHODS, AdapterFileError, AdapterLinear
 from speclora_kernels.integrations import adapter_layers, inject
 from speclora_kernels.persistence import load_adapter, save_adapter
-from speclora_kernels.persistence.container import (CONFIG_KEY, TensorFile, encode_container,
-                                                    tensor_table)
+from speclora_kernels.persistence.container import CONFIG_KEY, TensorFile, encode_container, tensor_table
 from speclora_kernels.persistence.peft_methods import peft_key
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")

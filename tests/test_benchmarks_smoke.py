@@ -14,11 +14,9 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repo
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, run  # noqa: E402
-from benchmarks.contenders import (CONTENDERS, check_gradients, check_output,  # noqa: E402
-                                   make_problem)
+from benchmarks.contenders import CONTENDERS, check_gradients, check_output, make_problem  # noqa: E402
 from benchmarks.shapes import MODEL_SHAPES, PROFILES, RANKS, Case, Rank, select  # noqa: E402
-from benchmarks.timing import (Rotation, cpu_peak_bytes, mode_callable,  # noqa: E402
-                               peak_memory, rotation_count, time_interleaved)
+from benchmarks.timing import Rotation, cpu_peak_bytes, mode_callable, peak_memory, rotation_count, time_interleaved  # noqa: E402
 
 SMOKE = PROFILES["smoke"].cases
 
@@ -41,6 +39,7 @@ def test_check_catches_a_wrong_contender():
         check_output("wrong", p, bound)
 
 
+@pytest.mark.slow
 def test_run_smoke_writes_every_contender(tmp_path, single_thread):
     # One input set, M = 1: the fused kernels run in the Triton interpreter here.
     rc = run.main(["--profile", "smoke", "--tokens", "1", "--modes", "train_step",
@@ -234,11 +233,11 @@ def test_model_launches_charge_nf4_decode_to_the_decoding_kernel():
 
     # a call with a dequantize launch: it decodes W, the GEMM after it reads dense tiles
     got = model_launches({"dequant_kernel": k(64), "fwd_kernel": k(128)}, True, 32, 16)
-    assert [(l.name, l.programs, l.decoded) for l in got] == [
+    assert [(t.name, t.programs, t.decoded) for t in got] == [
         ("dequant_kernel", 64, 512), ("fwd_kernel", 128, 0.0)]
     assert got[0].dram_bytes == 300 and got[0].l2_bytes == 100
     # in-register decode: the GEMM kernel decodes; a dense base decodes nothing
     assert model_launches({"fwd_splitk_kernel": k(400)}, True, 32, 16)[0].decoded == 512
     twice = model_launches({"proj_kernel": k(4, 2)}, False, 32, 16)  # per launch: half each
-    assert [(l.programs, l.dram_bytes, l.l2_bytes, l.decoded) for l in twice] == \
+    assert [(t.programs, t.dram_bytes, t.l2_bytes, t.decoded) for t in twice] == \
         [(4, 150, 50, 0.0)] * 2

@@ -14,9 +14,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 KERNELS = {"fwd_kernel", "proj_kernel", "dx_kernel", "factor_grad_kernel"}
 
 
+@pytest.mark.slow
 def test_compile_report_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, no cache hits

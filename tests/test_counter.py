@@ -11,8 +11,18 @@ from triton.runtime.errors import InterpreterError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from speclora_kernels.tools.counter import CountingError, _AddressSpace, count_triton
-from speclora_kernels.tools.floors import (Op, backward_floor, compare, format_ops, forward_floor, nf4_weight_bytes,
-                                           peft_lora_forward_ops, predict_h100, predict_ops, total_cost)
+from speclora_kernels.tools.floors import (
+    Op,
+    backward_floor,
+    compare,
+    format_ops,
+    forward_floor,
+    nf4_weight_bytes,
+    peft_lora_forward_ops,
+    predict_h100,
+    predict_ops,
+    total_cost,
+)
 
 
 @triton.jit
@@ -304,8 +314,9 @@ def test_segmented_forward_counts_exact():
     column tiles, 64-row blocks): unique bytes exactly at the floor (x, W, D, s, U read once,
     y written once, no t round trip), FLOPs the floor's products plus the down-projection
     once per segment (R padded to the 16-wide dot)."""
-    from conftest import forced_path
     from speclora_kernels.ops import launch
+
+    from conftest import forced_path
 
     m, in_f, out_f, r, segments = 128, 64, 320, 12, 2
     x, w = torch.randn(m, in_f), torch.randn(out_f, in_f) / 8

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from speclora_kernels import cpu
-from speclora_kernels.ops import reference_adapter_linear
-from speclora_kernels.methods import METHODS
 from speclora_kernels.dropout import dropout_keep_mask
+from speclora_kernels.methods import METHODS
+from speclora_kernels.ops import reference_adapter_linear
 from speclora_kernels.quant import NF4Weight
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

@@ -61,6 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_gradients_agree_across_ranks(tmp_path, monkeypatch):
     # Children inherit the environment: PyTorch CPU path, loopback only.
     monkeypatch.setenv("TRITON_INTERPRET", "0")

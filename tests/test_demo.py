@@ -31,6 +31,7 @@ def llama_layers(hidden=128, inter=256, kv=64, blocks=2):
     return shapes * blocks
 
 
+@pytest.mark.slow
 def test_demo_cli_llama(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
@@ -52,6 +53,7 @@ def test_demo_cli_llama(tmp_path):
         assert re.search(rf"^  {method} +{n:,} ", out, re.M), (method, n, out)
 
 
+@pytest.mark.slow
 def test_demo_minilm(tmp_path):
     from speclora_kernels.demo import run
 

@@ -16,11 +16,12 @@ import re
 import pytest
 import torch
 
-from conftest import forced_path
 from speclora_kernels import cpu
 from speclora_kernels.ops import autograd, fused_adapter_linear
 from speclora_kernels.ops.kernels import backward, common, forward
 from speclora_kernels.quant import NF4Weight, triton_nf4
+
+from conftest import forced_path
 
 GRADS = ("x", "down", "scale", "up")
 

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from conftest import rel_err
 from speclora_kernels import METHODS, AdapterLinear
+
+from conftest import rel_err
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 CASTS = {"to-bf16": lambda m: m.to(torch.bfloat16), "to-fp16": lambda m: m.to(torch.float16),

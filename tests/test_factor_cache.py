@@ -7,8 +7,16 @@ import copy
 import pytest
 import torch
 
-from speclora_kernels import (METHODS, AdapterLinear, inject, load_adapter, load_layer_adapter,
-                              ops, save_adapter, save_layer_adapter)
+from speclora_kernels import (
+    METHODS,
+    AdapterLinear,
+    inject,
+    load_adapter,
+    load_layer_adapter,
+    ops,
+    save_adapter,
+    save_layer_adapter,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 ALL = sorted(METHODS)

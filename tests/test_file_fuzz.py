@@ -22,10 +22,14 @@ from torch import nn
 from speclora_kernels import AdapterFileError, load_layer_adapter
 from speclora_kernels.integrations import adapter_layers, inject
 from speclora_kernels.modules import AdapterLinear
-from speclora_kernels.persistence import (export_peft_adapter, load_adapter, load_peft_adapter,
-                                          save_adapter, save_layer_adapter)
-from speclora_kernels.persistence.container import (CONFIG_KEY, SHA_KEY, canonical_header,
-                                                    config_digest, tensor_table)
+from speclora_kernels.persistence import (
+    export_peft_adapter,
+    load_adapter,
+    load_peft_adapter,
+    save_adapter,
+    save_layer_adapter,
+)
+from speclora_kernels.persistence.container import CONFIG_KEY, SHA_KEY, canonical_header, config_digest, tensor_table
 from speclora_kernels.persistence.peft_methods import peft_key
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
@@ -372,10 +376,10 @@ def test_fuzz_peft_adapter(tmp_path, capsys):
 def test_fuzz_trainer_state(tmp_path, capsys):
     """save_checkpoint's trainer_state.safetensors (optimizer + RNG states, checksummed):
     every corruption is refused before the model, the optimizer or the RNG change."""
+    import numpy as np
+
     from speclora_kernels.persistence import load_checkpoint, save_checkpoint
     from speclora_kernels.persistence.checkpoint import STATE_NAME
-
-    import numpy as np
 
     rng = random.Random(3)
     random.seed(0)  # the global RNG states are saved: fixed states, fixed file, seeded cases

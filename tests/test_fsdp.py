@@ -121,8 +121,7 @@ def _peak_gathered(model) -> dict:
 
 
 def _run(rank: int, base: str, out: str) -> dict:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         set_model_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     res = {}
     model = adapted(base)
@@ -511,6 +510,7 @@ def test_deepspeed_zero3(tmp_path, monkeypatch):
             assert all(local * WORLD >= n and local < n for local, n in r[base]["parts"])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_with_nf4_parameter(nf4_layer):
     """torch.compile(fullgraph=True) traces a layer holding an NF4Tensor parameter (it reads

@@ -293,8 +293,9 @@ def test_correctness_jobs_pass_in_the_interpreter():
               and c["base"] != "dense"][:2]
     for case in picked:
         r = correctness.run_case({"case": case, "seed": 1, "device": "cpu"})
-        assert r["status"] == "pass", (case, r)
-        assert set(r["path"].values()) == {case["path"]}
+        assert r["status"] == "pass", (case, r)  # a pass includes the path each launch took
+        if case["path"] != "splitk":  # split-K is the decode forward's only (dx: fused)
+            assert set(r["path"].values()) == {case["path"]}
     r = correctness.run_dropout_mask({"seed": 2, "device": "cpu", "M": 9, "K": 20,
                                       "paths": ("fused", "split")})
     assert r["status"] == "pass", r
@@ -325,3 +326,19 @@ def test_graph_check_recovers_the_seed_and_recomputes_the_step():
     assert max(rel_err(p.grad, grads[n]) for n, p in named) < 1e-5
     _, _, wrong, _ = runtime.eager_step(layer, start, x, int(seeds[0]) + 1)
     assert max(rel_err(p.grad, wrong[n]) for n, p in named) > 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run covers these")
+def test_forced_configs_launch_their_kernel_in_the_interpreter():
+    """Each kernel's forced-config job takes a path that launches it (split-K at 16 rows,
+    the dequantizer on an NF4 base), in the dtype its config serves."""
+    from speclora_kernels.ops import tuning
+    from speclora_kernels.tools.gpu_check import correctness
+
+    for kernel in (tuning.SPLITK, tuning.DEQUANT, tuning.FWD):
+        fp32 = next(i for i, c in enumerate(kernel.configs) if tuning.serves_fp32(c)) \
+            if kernel is not tuning.DEQUANT else 0
+        for index in {0, fp32}:
+            r = correctness.run_forced_config({"kernel": kernel.name, "index": index,
+                                               "seed": 1, "device": "cpu"})
+            assert r["status"] == "pass" and r["launches_of_kernel"] >= 1, (kernel.name, r)

@@ -4,12 +4,10 @@ import copy
 
 import pytest
 import torch
-from _tiny_models import (logits, minilm, minilm_path, options, perturb,  # noqa: F401
-                          tiny_llama, token_ids)
+from _tiny_models import logits, minilm, minilm_path, options, perturb, tiny_llama, token_ids  # noqa: F401
 
 from speclora_kernels import METHODS, AdapterLinear
-from speclora_kernels.integrations import (count_parameters, find_targets, inject,
-                                           merge_and_unload, parameter_summary)
+from speclora_kernels.integrations import count_parameters, find_targets, inject, merge_and_unload, parameter_summary
 from speclora_kernels.integrations.inject import share_key
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")

@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from _bounds import checked_memory
-from conftest import forced_path
 from speclora_kernels import cpu
 from speclora_kernels.ops import fused_adapter_linear, reference_adapter_linear
-from speclora_kernels.quant.nf4 import NF4_VALUES
+from speclora_kernels.quant.nf4 import NF4_VALUES, nf4_level_pairs
 from speclora_kernels.quant.triton_nf4 import nf4_dequant_rows, nf4_dequant_span
+
+from _bounds import checked_memory
+from conftest import forced_path
 
 BIG = 2 ** 30   # fits int32; index 2 along a dimension with this stride is 2**31
 DTYPE = torch.float16
@@ -136,18 +137,20 @@ def test_cpp_offsets_past_2_31(name, dim, weight_dtype):
 
 # ----------------------------------------------------------------------------- NF4 decoders
 @triton.jit
-def _decode_last_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _decode_last_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels_ptr,
+                      out_ptr, N, K, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """The fused kernels' NF4 decoders on the last BLOCK_N rows of W (int32 row indices, as
     the dx kernel passes them), first BLOCK_K columns."""
     offs_n = N - BLOCK_N + tl.arange(0, BLOCK_N)
     if ROWS:
-        w = nf4_dequant_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                             0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, 256, tl.float32)
+        w = nf4_dequant_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             levels_ptr, offs_n, 0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                             256, tl.float32)
     else:
-        w = nf4_dequant_span(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
-                             0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, 256, tl.float32)
+        w = nf4_dequant_span(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             levels_ptr, offs_n, 0, N, K, BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT,
+                             256, tl.float32)
     i = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out_ptr + i, w)
 
@@ -188,7 +191,7 @@ def test_nf4_decoders_past_2_32_elements(k, double_quant):
         scales = absmax[lo_blk:]
     out = torch.full((block_n, block_k), float("nan"))
     with checked_memory():
-        _decode_last_rows[(1,)](packed, absmax, absmax2, code2, offset, out, n, k,
+        _decode_last_rows[(1,)](packed, absmax, absmax2, code2, offset, nf4_level_pairs(), out, n, k,
                                 ROWS=k % blocksize == 0, BLOCK_N=block_n, BLOCK_K=block_k,
                                 BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant)
     rows = torch.arange(n - block_n, n, dtype=torch.int64)[:, None]

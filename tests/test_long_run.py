@@ -78,6 +78,7 @@ def train(model, opt, start, stop, checkpoint=None):
     return record
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     model = adapted(seed=1)
     opt = optimizer(model)

@@ -9,13 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from speclora_kernels import (METHODS, AdapterFileError, AdapterLinear, inject, load_adapter,
-                              load_layer_adapter, register_method, save_adapter,
-                              save_layer_adapter)
+from speclora_kernels import (
+    METHODS,
+    AdapterFileError,
+    AdapterLinear,
+    inject,
+    load_adapter,
+    load_layer_adapter,
+    register_method,
+    save_adapter,
+    save_layer_adapter,
+)
 from speclora_kernels.demo import method_options
 from speclora_kernels.integrations import adapter_layers
-from speclora_kernels.methods import (RANK, AdapterMethod, Option, get_method,
-                                      unregister_method)
+from speclora_kernels.methods import RANK, AdapterMethod, Option, get_method, unregister_method
 from speclora_kernels.persistence.container import write_container
 from speclora_kernels.persistence.schema import ADAPTER_FORMAT
 

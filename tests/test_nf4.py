@@ -10,16 +10,15 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-import torch
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import pytest
+import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
+from speclora_kernels.ops.launch import dequantize_nf4_triton
 from speclora_kernels.quant import NF4Weight, dequantize_nf4, dynamic_code, nf4_code, quantize_residual
 from speclora_kernels.quant.nf4 import _quantize_8bit_cpu
-from speclora_kernels.ops.launch import dequantize_nf4_triton
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

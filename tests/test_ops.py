@@ -16,12 +16,21 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from conftest import OP_DTYPES, TOL, forced_path, kernel_launches, rel_err  # noqa: E402
-from speclora_kernels.ops import (dropout_keep_mask, dropout_seed,  # noqa: E402
-                                  fused_adapter_linear, reference_adapter_linear)
-from speclora_kernels.ops import autograd, launch, plan, recipe, tuning  # noqa: E402
 from speclora_kernels import dropout as op_dropout  # noqa: E402
+from speclora_kernels.ops import (  # noqa: E402  # noqa: E402
+    autograd,
+    dropout_keep_mask,
+    dropout_seed,
+    fused_adapter_linear,
+    launch,
+    plan,
+    recipe,
+    reference_adapter_linear,
+    tuning,
+)
 from speclora_kernels.ops.kernels.common import keep_mask  # noqa: E402
+
+from conftest import OP_DTYPES, TOL, forced_path, kernel_launches, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not tuning.INTERPRET and not torch.cuda.is_available(),
                                  reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU"),

@@ -13,12 +13,18 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import OP_DTYPES, TOL, forced_path, rel_err  # noqa: E402
 from speclora_kernels import AdapterLinear  # noqa: E402
-from speclora_kernels.ops import (dropout_keep_mask, dropout_seed,  # noqa: E402
-                                  fused_adapter_linear, reference_adapter_linear)
-from speclora_kernels.ops import autograd, tuning  # noqa: E402
+from speclora_kernels.ops import (  # noqa: E402  # noqa: E402
+    autograd,
+    dropout_keep_mask,
+    dropout_seed,
+    fused_adapter_linear,
+    reference_adapter_linear,
+    tuning,
+)
 from speclora_kernels.quant import NF4Weight, dequantize_nf4  # noqa: E402
+
+from conftest import OP_DTYPES, TOL, forced_path, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not tuning.INTERPRET and not torch.cuda.is_available(),
                                  reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU"),
@@ -266,6 +272,7 @@ def test_rejects_bad_arguments():
                                                 offset=t["weight"].offset.to("meta")), *args[2:])
 
 
+@pytest.mark.slow
 def test_nf4_report_command(tmp_path):
     """``python -m speclora_kernels.tools.nf4_report`` (small shape): the decode forward on
     NF4 touches no more unique bytes than its floor, and bitsandbytes + PEFT keeps more for

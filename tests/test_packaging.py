@@ -2,9 +2,11 @@
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +19,7 @@ def test_package_list_covers_every_package():
     assert config["package-dir"]["speclora_kernels.csrc"] == "csrc"
 
 
+@pytest.mark.slow
 def test_wheel_contains_sources_and_backend_finds_them(tmp_path):
     # build from a copy: setuptools writes build/ into the source tree it builds
     src = tmp_path / "src"

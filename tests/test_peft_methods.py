@@ -18,10 +18,9 @@ from safetensors.torch import load_file, save_file
 import speclora_kernels.methods.base as method_base
 from speclora_kernels.integrations import adapter_layers, count_parameters, inject
 from speclora_kernels.integrations.bnb import quantize_nf4
+from speclora_kernels.peft import PiCaConfig, SpecLoraConfig, SpectralAdapterConfig, _compat
 from speclora_kernels.persistence import load_adapter, save_adapter
 from speclora_kernels.persistence.peft_methods import CONFIG_FIELDS
-from speclora_kernels.peft import (PiCaConfig, SpecLoraConfig, SpectralAdapterConfig,
-                                   _compat)
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 TOL = {"rtol": 1e-5, "atol": 1e-5}

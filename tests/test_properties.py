@@ -32,13 +32,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import forced_path
 from speclora_kernels import cpu
 from speclora_kernels.methods import METHODS
-from speclora_kernels.ops import (dropout_keep_mask, dropout_seed, fused_adapter_linear,
-                                  reference_adapter_linear)
-from speclora_kernels.ops import autograd, recipe
+from speclora_kernels.ops import (
+    autograd,
+    dropout_keep_mask,
+    dropout_seed,
+    fused_adapter_linear,
+    recipe,
+    reference_adapter_linear,
+)
 from speclora_kernels.quant import NF4Weight, dequantize_nf4
+
+from conftest import forced_path
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CASES: Counter = Counter()
@@ -273,6 +279,7 @@ def _run(prop, name, at_least):
     print(f"\n{name}: {CASES[name]} property cases")
 
 
+@pytest.mark.slow
 def test_triton_interpreter_matches_reference():
     _run(_triton_property, "triton", 190)
 

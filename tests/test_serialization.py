@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import speclora_kernels.persistence.container as container
-from speclora_kernels import (METHODS, AdapterFileError, AdapterLinear, load_layer_adapter,
-                              save_layer_adapter)
+from speclora_kernels import METHODS, AdapterFileError, AdapterLinear, load_layer_adapter, save_layer_adapter
 from speclora_kernels.persistence.container import read_container, write_container
 from speclora_kernels.persistence.schema import ADAPTER_FORMAT
 

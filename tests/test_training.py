@@ -70,6 +70,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(tmp_path):
     ids = progressions(2, length=8)
     model = inject(tiny_llama(layers=1), "speclora", "all-linear", r=4, k=4, verbose=False)

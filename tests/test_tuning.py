@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from speclora_kernels.ops import fused_adapter_linear, plan, tuning
+from speclora_kernels.ops import fused_adapter_linear, launch, plan, tuning
 
 
 class CountingBench:
@@ -177,3 +177,17 @@ def test_deterministic_choice_is_the_same_in_every_process():
         assert r.returncode == 0, r.stderr[-2000:]
     first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
     assert first == second and len(first) >= 4
+
+
+@pytest.mark.parametrize("setting,want", [("ieee", "tf32x3"), ("tf32", "tf32")])
+def test_fp32_dots_follow_torch_precision(setting, want):
+    """fp32 dots take TF32 only where torch's matmuls would; else fp32 accuracy (three TF32
+    products). 16-bit operands always run their own tensor-core dot."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = setting
+    try:
+        assert launch.dot_precision(torch.float32) == want
+        assert launch.dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import find_targets, unwrap, _set_submodule
+from .inject import _set_submodule, find_targets, unwrap
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ from .base import AdapterMethod
 from .lora import LoRA
 from .options import ALPHA, RANK, SVD, Option, OptionContext, check_rank, rank_check
 from .pica import PiCa
-from .spectral import SpectralAdditive, SpectralRotational, cayley
 from .speclora import SpecLoRA, spectral_scale
+from .spectral import SpectralAdditive, SpectralRotational, cayley
 from .svd import top_singular
 
 METHODS: dict[str, type[AdapterMethod]] = {}

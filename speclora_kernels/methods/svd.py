@@ -58,8 +58,8 @@ def _canonical_signs(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, to
 def _randomized(a: torch.Tensor, k: int, oversample: int, n_iter: int,
                 generator: torch.Generator | None):
     n = a.shape[1]
-    l = min(k + oversample, min(a.shape))
-    omega = torch.randn(n, l, dtype=a.dtype, device=a.device, generator=generator)
+    width = min(k + oversample, min(a.shape))
+    omega = torch.randn(n, width, dtype=a.dtype, device=a.device, generator=generator)
     basis = torch.linalg.qr(a @ omega).Q
     for _ in range(n_iter):
         # Re-orthonormalise every half-step: plain (A A^T)^q A Omega loses the small

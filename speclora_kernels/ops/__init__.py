@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ..dropout import dropout_keep_mask, dropout_seed
 from ..quant import NF4Weight
 from .autograd import AdapterLinearFunction, run_forward
-from ..dropout import dropout_keep_mask, dropout_seed
 from .naive import fused_adapter_linear as reference_adapter_linear
 from .validate import check_adapter_inputs
 

@@ -188,6 +188,15 @@ def run_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, dropout_row
 
 
 # ------------------------------------------------------------------ autograd
+def _no_autocast(x: Tensor):
+    """The op computes in its inputs' dtypes: a backward run inside ``torch.autocast`` (or a
+    direct call under it) must not let autocast recast the matmuls of the CPU backend."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
 _INPUTS = ("x", "weight", "bias", "down", "scale", "up", "seed", "dropout_p", "dropout_rows",
            "grad_rows")
 
@@ -220,8 +229,9 @@ class AdapterLinearFunction(torch.autograd.Function):
                 grad_rows):
         need = dict(zip(_INPUTS, ctx.needs_input_grad))
         save_t = need["scale"] or need["up"]
-        y, t = run_forward(x, weight, bias, down, scale, up, seed, dropout_p, dropout_rows,
-                           save_t)
+        with _no_autocast(x):
+            y, t = run_forward(x, weight, bias, down, scale, up, seed, dropout_p,
+                               dropout_rows, save_t)
         # the base through save_for_backward too (as references), so that saved-tensor
         # hooks (offloading, checkpointing) see every tensor backward reads
         quantized = isinstance(weight, NF4Weight)
@@ -237,12 +247,13 @@ class AdapterLinearFunction(torch.autograd.Function):
         x, down, scale, up, t, seed, *base = ctx.saved_tensors
         weight = base[0] if ctx.nf4 is None else ctx.nf4.with_tensors(*base)
         need = dict(zip(_INPUTS, ctx.needs_input_grad))
-        dx, d_down, d_scale, d_up = run_backward(
-            dy, x, weight, down, scale, up, t, seed, ctx.dropout_p, ctx.dropout_rows,
-            ctx.grad_rows, need["x"], need["down"], need["scale"], need["up"])
-        acc = _acc_dtype(x)
-        d_weight = (dy.T.to(acc) @ x.to(acc)).to(weight.dtype) if need["weight"] else None
-        d_bias = dy.sum(0, dtype=acc).to(ctx.bias_dtype) if need["bias"] else None
+        with _no_autocast(x):
+            dx, d_down, d_scale, d_up = run_backward(
+                dy, x, weight, down, scale, up, t, seed, ctx.dropout_p, ctx.dropout_rows,
+                ctx.grad_rows, need["x"], need["down"], need["scale"], need["up"])
+            acc = _acc_dtype(x)
+            d_weight = (dy.T.to(acc) @ x.to(acc)).to(weight.dtype) if need["weight"] else None
+            d_bias = dy.sum(0, dtype=acc).to(ctx.bias_dtype) if need["bias"] else None
         grads = dict(x=dx, weight=d_weight, bias=d_bias, down=d_down, scale=d_scale, up=d_up)
         return tuple(grads[name] if need[name] and name in grads else None
                      for name in _INPUTS)

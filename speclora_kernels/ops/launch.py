@@ -15,25 +15,44 @@ import torch
 import triton
 
 from ..quant import NF4Weight
-from .plan import (FACTOR_MAX_TILE, FACTOR_SPLIT_ROWS, FUSED_MAX_RANK, NF4_REGISTER_ROWS,
-                   SPLITK_BLOCK_M, Plan, cdiv, factor_outputs, factor_splits, forward_plan,
-                   fused_rank_limit, gemm_plan, rank_block, sm_count, split_slice)
 from . import recipe
+from .plan import (
+    FACTOR_MAX_TILE,
+    FACTOR_SPLIT_ROWS,
+    FUSED_MAX_RANK,
+    NF4_REGISTER_ROWS,
+    NF4_REGISTER_ROWS_FP32,
+    SPLITK_BLOCK_M,
+    Plan,
+    cdiv,
+    factor_outputs,
+    factor_splits,
+    forward_plan,
+    fused_rank_limit,
+    gemm_plan,
+    rank_block,
+    sm_count,
+    split_slice,
+)
 from .recipe import Call
 from .tuning import DEQUANT, DX, FACTOR, FWD, PROJ, SPLITK, restricted_configs
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 ``tl.dot`` follows torch's matmul setting: TF32 tensor cores only where torch
     would use them (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which also
-    reflects the legacy ``allow_tf32``), else IEEE fp32 (torch's default). 16-bit operands
-    ignore it."""
+    reflects the legacy ``allow_tf32``), else fp32 accuracy (torch's default) as three TF32
+    products per multiply (``"tf32x3"``: the low-order parts of both operands recovered,
+    ~1e-6 relative). Not IEEE FMA dots: those hold both operand tiles in registers and
+    spill at every tile that keeps the GPU busy (tools/compile_report, sm_80 and sm_90).
+    16-bit operands ignore it."""
     if dtype != torch.float32:
         return "tf32"
     matmul = torch.backends.cuda.matmul
     tf32 = getattr(matmul, "fp32_precision", None)
     if tf32 is None:  # torch < 2.9: only the legacy flag
-        return "tf32" if matmul.allow_tf32 else "ieee"
-    return "tf32" if tf32 == "tf32" else "ieee"
+        return "tf32" if matmul.allow_tf32 else "tf32x3"
+    return "tf32" if tf32 == "tf32" else "tf32x3"
 
 
 def needs_int64(*operands) -> bool:
@@ -115,7 +134,8 @@ def _decoded_once(weight, M: int, dtype: torch.dtype):
     """The base the GEMM kernels take: an NF4 weight as it is while one row tile covers M
     (the kernels decode each tile once), else decoded once, here, into a transient dense
     copy in x's dtype (freed when the caller returns; never saved for backward)."""
-    if isinstance(weight, NF4Weight) and M > NF4_REGISTER_ROWS:
+    rows = NF4_REGISTER_ROWS_FP32 if dtype == torch.float32 else NF4_REGISTER_ROWS
+    if isinstance(weight, NF4Weight) and M > rows:
         return dequantize_nf4_triton(weight, dtype)
     return weight
 
@@ -269,7 +289,8 @@ def _build_backward(call: Call, weight, has_dropout: bool, needs: tuple):
                 IDX64=needs_int64(dy, x, weight, down, up, t,  # and dx, g, dD, dU:
                                   (M, K), (M, R), tuple(down.shape), tuple(up.shape)))
     # dx's output width is K (dx draws each mask element once: no dropout rule)
-    plan = (gemm_plan(M, K, N, R, rank_cap=fused_rank_cap(weight), sms=sm_count(x.device))
+    plan = (gemm_plan(M, K, N, R, rank_cap=fused_rank_cap(weight), sms=sm_count(x.device),
+                      element_size=x.element_size())
             if need_dx else Plan("split"))
     up_in_kernel, segments = need_dx and plan.rank_in_kernel, plan.segments
     need_g_buffer = need_g or (need_dx and not up_in_kernel)

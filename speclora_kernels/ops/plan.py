@@ -33,6 +33,8 @@ WAVES = 2                    # programs per SM the segmented kernels need to kee
 SEGMENTED_ENV = "SPECLORA_SEGMENTED"  # "1": large M may take the segmented kernels
 NF4_REGISTER_ROWS = 64       # up to here NF4 is decoded in registers (one row tile covers
                              # M, so each element once); above, once per call into a copy
+NF4_REGISTER_ROWS_FP32 = 32  # fp32 activations: the 64-row NF4 dx tiles do not compile with
+                             # TF32 on sm_90 (Triton's dot-operand pass fails; compile_report)
 SPLITK_MAX_ROWS = 16         # split-K decode: one 16-row tile of x
 SPLITK_BLOCK_M = 16
 SPLITK_WIDTHS = (256, 128, 64, 32)   # column tiles it may take
@@ -188,17 +190,19 @@ def segmented_opt_in(M: int) -> bool:
 
 
 def gemm_plan(M: int, N: int, K: int, R: int, *, rank_cap: int, dropout: bool = False,
-              sms: int = H100.sms) -> Plan:
+              sms: int = H100.sms, element_size: int = 2) -> Plan:
     """The path of a GEMM launch with output width ``N`` and reduction ``K`` (the forward;
     dx passes its own width as ``N``). ``rank_cap``: the widest R the base's kernels keep in
-    registers (see ``launch.fused_rank_cap``); ``dropout``: the forward regenerates a mask."""
+    registers (see ``launch.fused_rank_cap``); ``dropout``: the forward regenerates a mask.
+    The segmented kernels take 16-bit activations only: every fp32 segmented tile spills
+    (t or g beside an fp32 output tile; tools/compile_report)."""
     if R > rank_cap:
         return Plan("split")
     if _forced is not None:
         return _forced if _forced.path != "splitk" else Plan("fused")
     if use_fused_path(M, N, K, R, dropout):
         return Plan("fused")
-    segments = segment_count(M, N, R, sms)
+    segments = segment_count(M, N, R, sms) if element_size == 2 else 0
     return Plan("segmented", segments) if segments else Plan("split")
 
 
@@ -219,7 +223,8 @@ def forward_plan(M: int, N: int, K: int, R: int, *, rank_cap: int, dropout: bool
             return Plan("fused")
         return _forced
     if M > SPLITK_MAX_ROWS or R > FUSED_MAX_RANK or not splitk:
-        return gemm_plan(M, N, K, R, rank_cap=rank_cap, dropout=dropout, sms=sms)
+        return gemm_plan(M, N, K, R, rank_cap=rank_cap, dropout=dropout, sms=sms,
+                         element_size=element_size)
     return _decode_plan(M, N, K, R, sms, weight_bytes, element_size, nf4)
 
 

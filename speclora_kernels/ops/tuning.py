@@ -48,8 +48,36 @@ def _gemm_configs(out: str, red: str) -> list[triton.Config]:
         (128, 128, 64, 8, 8, 3),
         (128, 256, 64, 8, 8, 3),
     ]
-    return [triton.Config({"BLOCK_M": bm, out: bo, red: bk, "GROUP_M": gm}, num_warps=w,
-                          num_stages=s) for bm, bo, bk, gm, w, s in tiles]
+    # 4-byte activations: a 32-deep K step, as fp32 operands take twice the registers and
+    # shared memory of 16-bit ones (the 16-bit tiles spill in fp32: tools/compile_report)
+    # (32 x 32 x 32: the NF4 span decoder's; no 128 x 128: it spills at fp32 accuracy)
+    fp32 = [(16, 64, 32, 1, 4, 3), (16, 128, 32, 1, 8, 3), (16, 256, 32, 1, 8, 3),
+            (32, 32, 32, 1, 4, 3), (32, 64, 32, 1, 4, 3), (32, 128, 32, 1, 8, 3),
+            (64, 64, 32, 8, 4, 3), (64, 128, 32, 8, 8, 3), (128, 64, 32, 8, 8, 3)]
+    return ([triton.Config({"BLOCK_M": bm, out: bo, red: bk, "GROUP_M": gm}, num_warps=w,
+                           num_stages=s) for bm, bo, bk, gm, w, s in tiles]
+            + _fp32([triton.Config({"BLOCK_M": bm, out: bo, red: bk, "GROUP_M": gm},
+                                   num_warps=w, num_stages=s)
+                     for bm, bo, bk, gm, w, s in fp32]))
+
+
+_FP32_CONFIGS: set[int] = set()  # ids of the configs meant for 4-byte activations
+
+
+def _fp32(configs: list[triton.Config]) -> list[triton.Config]:
+    _FP32_CONFIGS.update(id(c) for c in configs)
+    return configs
+
+
+def serves_fp32(cfg: triton.Config) -> bool:
+    """True for the configs of 4-byte activations (the others serve 16-bit ones)."""
+    return id(cfg) in _FP32_CONFIGS
+
+
+def _dtype_fits(cfg, a, operand: str) -> bool:
+    return serves_fp32(cfg) == (a[operand].element_size() == 4)
+
+
 
 
 def _row_block_fits(block_m: int, M: int) -> bool:
@@ -81,13 +109,19 @@ def _nf4_fits(cfg, a, block_out: int, block_n: int, block_k: int, dx: bool) -> b
     if not a.get("NF4"):
         return True
     threads = 32 * cfg.num_warps
+    # registers per decoded element: 16-bit two to a register, fp32 one, fp32 split into
+    # TF32 high and low parts (tf32x3) one and a half
+    width = a["y_ptr" if not dx else "dx_ptr"].element_size()
+    decoded = block_n * block_k * (1 if width == 2 else 2)
     if not a["NF4_ROWS"]:
         if not dx and cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] * block_out > 32 * threads:
             return False
-        return block_n * block_k <= NF4_SPAN_ELEMENTS * threads
+        if a["DOT_PRECISION"] == "tf32x3":
+            decoded = decoded * 3 // 2
+        return decoded <= NF4_SPAN_ELEMENTS * threads
     if dx and block_n >= 128 and block_k >= 128 and block_k > a["NF4_BLOCKSIZE"]:
         return False
-    return cfg.kwargs["BLOCK_M"] * block_out + block_n * block_k <= NF4_ROWS_ELEMENTS * threads
+    return cfg.kwargs["BLOCK_M"] * block_out + decoded <= NF4_ROWS_ELEMENTS * threads
 
 
 def _one_row_tile(cfg, a) -> bool:
@@ -104,9 +138,10 @@ def _rows_for(a) -> int:
 
 def _fwd_fits(cfg, a) -> bool:
     b = cfg.kwargs
-    ok = (_row_block_fits(b["BLOCK_M"], _rows_for(a)) and _one_row_tile(cfg, a)
-          and b["BLOCK_N"] <= pow2(a["N"]) and b["BLOCK_K"] <= pow2(a["K"])
-          and _nf4_fits(cfg, a, b["BLOCK_N"], b["BLOCK_N"], b["BLOCK_K"], dx=False))
+    bm, bn, bk = b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"]
+    ok = (_dtype_fits(cfg, a, "x_ptr") and _row_block_fits(bm, _rows_for(a))
+          and _one_row_tile(cfg, a) and bn <= pow2(a["N"]) and bk <= pow2(a["K"])
+          and _nf4_fits(cfg, a, bn, bn, bk, dx=False))
     if a["FUSE_DOWN"] and a["HAS_DROPOUT"]:  # x tile + its keep-mask beside the accumulator
         ok = ok and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
     if a["SEGMENTED"]:  # 8 warps, as dx: at 4, 64 x 64 x 64 spills 16 bytes on sm_80 at R = 16
@@ -134,11 +169,14 @@ def _fwd_smem(cfg, a) -> int:
 
 def _dx_fits(cfg, a) -> bool:
     b = cfg.kwargs
-    ok = (_row_block_fits(b["BLOCK_M"], _rows_for(a)) and _one_row_tile(cfg, a)
-          and b["BLOCK_K"] <= pow2(a["K"]) and b["BLOCK_N"] <= pow2(a["N"])
-          and _nf4_fits(cfg, a, b["BLOCK_K"], b["BLOCK_N"], b["BLOCK_K"], dx=True))
+    bm, bn, bk = b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"]
+    ok = (_dtype_fits(cfg, a, "dy_ptr") and _row_block_fits(bm, _rows_for(a))
+          and _one_row_tile(cfg, a) and bk <= pow2(a["K"]) and bn <= pow2(a["N"])
+          and _nf4_fits(cfg, a, bk, bn, bk, dx=True))
     if a["HAS_DROPOUT"]:  # two fp32 output accumulators (clean, dropped): <= 128 regs/thread
         ok = ok and 2 * b["BLOCK_M"] * b["BLOCK_K"] <= 128 * 32 * cfg.num_warps
+        if bm >= 64 and a["dy_ptr"].element_size() == 4:  # fp32: only 64 rows at 8 warps
+            ok = ok and bm == 64 and cfg.num_warps == 8
     if a["SEGMENTED"]:  # 8 warps: at 4, 64 x 64 x 64 spills 8 bytes on sm_80 even at R = 16
         return ok and cfg.num_warps == 8 and _segment_tile_fits(cfg, a, b["BLOCK_K"])
     return ok and (not a["FUSE_UP"] or a["R"] <= fused_rank_limit(b["BLOCK_K"]))
@@ -154,13 +192,18 @@ def _dx_smem(cfg, a) -> int:
 _PROJ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bk, w, s in [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3),
                                       (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
-                                      (128, 128, 8, 3)]]
+                                      (128, 128, 8, 3)]] + _fp32(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(16, 32, 4, 3), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
+                          (64, 32, 4, 3), (128, 32, 8, 3)]])
 
 
 def _proj_fits(cfg, a) -> bool:
     b = cfg.kwargs
     # the (BLOCK_K, BLOCK_R) dot operand stays within 128 registers' worth per thread
-    return (_row_block_fits(b["BLOCK_M"], a["M"]) and b["BLOCK_K"] <= pow2(a["K"])
+    wide = a["BLOCK_R"] >= 128 and a["a_ptr"].element_size() == 4  # fp32 R 128: 32-deep K
+    return (_dtype_fits(cfg, a, "a_ptr") and _row_block_fits(b["BLOCK_M"], a["M"])
+            and b["BLOCK_K"] <= pow2(a["K"]) and (not wide or b["BLOCK_K"] <= 32)
             and b["BLOCK_K"] * a["BLOCK_R"] <= 128 * 32 * cfg.num_warps)
 
 
@@ -172,13 +215,17 @@ def _proj_smem(cfg, a) -> int:
 
 _FACTOR_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
                    for bm, bc, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 3),
-                                        (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]]
+                                        (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
+                   ] + _fp32([triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w,
+                                            num_stages=s)
+                              for bm, bc, w, s in [(16, 64, 4, 3), (32, 64, 4, 3),
+                                                   (64, 32, 4, 3)]])
 
 
 def _factor_fits(cfg, a) -> bool:
     b = cfg.kwargs
     width = max(a["N"] if a["NEED_DU"] else 0, a["K"] if a["NEED_DD"] else 0)
-    return (b["BLOCK_M"] <= pow2(min(a["M"], a["m_split"]))
+    return (_dtype_fits(cfg, a, "x_ptr") and b["BLOCK_M"] <= pow2(min(a["M"], a["m_split"]))
             and (width == 0 or b["BLOCK_C"] <= pow2(width)))
 
 
@@ -190,18 +237,21 @@ def _factor_smem(cfg, a) -> int:
 
 # split-K decode: the column tile (BLOCK_N) and row tile (BLOCK_M) come from the plan
 _SPLITK_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bk, w, s in [(64, 4, 4), (64, 8, 4), (128, 4, 3), (128, 8, 3)]]
+                   for bk, w, s in [(64, 4, 4), (64, 8, 4), (128, 4, 3), (128, 8, 3)]
+                   ] + _fp32([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+                              for bk, w, s in [(32, 8, 3), (64, 8, 3)]])
 
 
 def _splitk_fits(cfg, a) -> bool:
     """A K step that divides the slice; registers per thread for the fp32 output and t
     tiles, plus the decoded NF4 tile, within the fused kernels' NF4 row-decoder budget."""
     bk, threads = cfg.kwargs["BLOCK_K"], 32 * cfg.num_warps
-    if a["k_split"] % bk or bk > pow2(a["K"]):
+    bm, bn, br = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_R"]
+    if not _dtype_fits(cfg, a, "x_ptr") or a["k_split"] % bk or bk > pow2(a["K"]):
         return False
-    elements = a["BLOCK_M"] * (a["BLOCK_N"] + a["BLOCK_R"])
+    elements = bm * (bn + br)
     if a["NF4"]:
-        elements += a["BLOCK_N"] * bk
+        elements += bn * bk * (2 if a["x_ptr"].element_size() == 4 else 1)
     return elements <= NF4_ROWS_ELEMENTS * threads
 
 

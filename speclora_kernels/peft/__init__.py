@@ -23,8 +23,15 @@ PEFT_VERSION = require_peft()
 from .config import PiCaConfig, SpecLoraConfig, SpectralAdapterConfig  # noqa: E402
 from .layer import MethodLayer  # noqa: E402
 from .patch import is_patched, patch_peft, unpatch_peft  # noqa: E402
-from .tuner import (PiCaLayer, PiCaModel, SpecLoraLayer, SpecLoraModel,  # noqa: E402
-                    SpectralAdapterLayer, SpectralAdapterModel, register)
+from .tuner import (  # noqa: E402
+                    PiCaLayer,
+                    PiCaModel,
+                    SpecLoraLayer,
+                    SpecLoraModel,
+                    SpectralAdapterLayer,
+                    SpectralAdapterModel,
+                    register,
+)
 
 register()
 

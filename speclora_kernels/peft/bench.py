@@ -8,6 +8,7 @@ against float64, is ``python -m benchmarks.run`` (contenders ``peft`` / ``peft_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -66,6 +67,22 @@ def _median_us(fns: dict, clock, repeats: int, warmup: int) -> dict:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+@contextlib.contextmanager
+def _exact_base(model: nn.Module):
+    """Training mode with dropout off: bitsandbytes' CPU inference path for ``Linear4bit``
+    is approximate (2.8e-3 relative off the float64 result at 128 x 64, measured), its
+    training path dequantizes exactly; the accuracy check compares against the exact one."""
+    was = model.training
+    model.train()
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in drops:
+        m.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def timing_pair(in_features: int = 4096, out_features: int = 4096, r: int = 16,
                 tokens: int = 16, *, dtype: torch.dtype | None = None, device=None,
                 quantized: bool = False, dropout: float = 0.0, repeats: int = 30,
@@ -101,8 +118,8 @@ def timing_pair(in_features: int = 4096, out_features: int = 4096, r: int = 16,
         raise RuntimeError("patch_peft found no PEFT LoRA layer to patch")
     x = torch.randn(tokens, in_features, generator=gen).to(device, dtype)
     dy = torch.randn(tokens, out_features, generator=gen).to(device, dtype)
-    with torch.no_grad():
-        want, got = ref.eval()(x), fused.eval()(x)
+    with torch.no_grad(), _exact_base(ref), _exact_base(fused):
+        want, got = ref(x), fused(x)
     err = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
     def forward(model):
@@ -121,6 +138,7 @@ def timing_pair(in_features: int = 4096, out_features: int = 4096, r: int = 16,
         return run
 
     clock = _timer(device)
+    ref.eval(), fused.eval()
     fwd = _median_us({"peft": forward(ref), "patched": forward(fused)}, clock, repeats, warmup)
     ref.train(), fused.train()
     step = _median_us({"peft": train_step(ref), "patched": train_step(fused)}, clock, repeats,

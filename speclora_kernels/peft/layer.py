@@ -30,7 +30,6 @@ from ..methods.base import deferred_svd
 from ..quant import NF4Weight
 from ._fused import Block, base_kind, fused_forward, nf4_weight, plain_adapter
 
-
 _LOADING = contextvars.ContextVar("speclora_kernels_peft_loading", default=False)
 
 

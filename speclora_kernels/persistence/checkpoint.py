@@ -33,8 +33,7 @@ from torch import nn
 
 from .._version import __version__
 from ..integrations.fsdp import is_sharded, place_like, ranks_agree, to_cpu_whole, writer_rank_only
-from .container import (SHA_KEY, TensorFile, commit_files, encode_container, open_container,
-                        read_verified, tensor_table)
+from .container import SHA_KEY, TensorFile, commit_files, encode_container, open_container, read_verified, tensor_table
 from .directory import WEIGHTS_NAME
 from .model import load_adapter, save_adapter
 from .schema import AdapterFileError, is_int

@@ -28,8 +28,17 @@ import torch
 from safetensors.torch import save as _save_bytes
 
 from .._version import __version__
-from .schema import (DTYPE_NAMES, SAFETENSORS_DTYPES, AdapterFileError, check_header,
-                     header_schema, is_int, is_name, is_shape, short)
+from .schema import (
+    DTYPE_NAMES,
+    SAFETENSORS_DTYPES,
+    AdapterFileError,
+    check_header,
+    header_schema,
+    is_int,
+    is_name,
+    is_shape,
+    short,
+)
 
 # safetensors metadata keys of our files: the config as committed, and its checksum.
 CONFIG_KEY = "speclora_kernels.config"

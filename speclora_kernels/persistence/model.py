@@ -33,14 +33,30 @@ from ..integrations.fsdp import gather_adapter_tensors, is_sharded, place_like, 
 from ..integrations.inject import adapt_layers, adapter_layers, base_fingerprint, unwrap
 from ..methods import get_method
 from ..modules import AdapterLinear
-from .container import (CONFIG_KEY, SHA_KEY, TensorFile, commit_files, encode_container, open_container,
-                        read_json_file, read_verified, tensor_table)
+from .container import (
+    CONFIG_KEY,
+    SHA_KEY,
+    TensorFile,
+    commit_files,
+    encode_container,
+    open_container,
+    read_json_file,
+    read_verified,
+    tensor_table,
+)
 from .directory import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_config
 from .peft_format import load_peft_adapter
-from .peft_methods import (METHOD_TYPES, PEFT_METHODS, NotExpressible, load_peft_method_adapter,
-                           peft_key, peft_layout)
-from .schema import (ADAPTER_FORMAT, MODEL_LAYER_SCHEMA, MODEL_SCHEMA, AdapterFileError,
-                     check_layer_entry, check_schema, header_schema, match_keys)
+from .peft_methods import METHOD_TYPES, PEFT_METHODS, NotExpressible, load_peft_method_adapter, peft_key, peft_layout
+from .schema import (
+    ADAPTER_FORMAT,
+    MODEL_LAYER_SCHEMA,
+    MODEL_SCHEMA,
+    AdapterFileError,
+    check_layer_entry,
+    check_schema,
+    header_schema,
+    match_keys,
+)
 
 # 1: our own config in adapter_config.json, tensors "<module>.<tensor>"; 2: PEFT's format.
 MODEL_FORMAT_VERSION = 2

@@ -30,7 +30,6 @@ import os
 import triton
 import triton.language as tl
 
-
 __all__ = ["nf4_level_pair", "nf4_level", "nf4_block_scale", "nf4_dequant_rows",
            "nf4_dequant_span"]
 

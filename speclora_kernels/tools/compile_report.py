@@ -11,11 +11,12 @@ blocks of 64, double quant or not; in_features a multiple of 64 for the row deco
 not for the span decoder), for every activation dtype (bf16, fp16, fp32 with TF32 off, as
 torch's default, and on), so each kernel is compiled with exactly the arguments, constexprs
 and JIT specialization (16-byte alignment, unit strides, integer arguments equal to 1 as
-constants: one output column, one row) a real launch would use. For each launch every autotune config that its pruning keeps for the target's shared
-memory is compiled with ``triton.compile(ASTSource, GPUTarget)``; configs pruned for
-shared memory are listed, not compiled. ``cuobjdump`` (bundled with Triton) gives
-registers, spills (local memory) and static shared memory; the SASS shows whether the
-tensor cores run as HGMMA (Hopper wgmma) or HMMA (mma.sync).
+constants: one output column, one row) a real launch would use. For each launch every
+autotune config that its pruning keeps for the target's shared memory is compiled with
+``triton.compile(ASTSource, GPUTarget)``; configs pruned for shared memory are listed, not
+compiled. ``cuobjdump`` (bundled with Triton) gives registers, spills (local memory) and
+static shared memory; the SASS shows whether the tensor cores run as HGMMA (Hopper wgmma)
+or HMMA (mma.sync).
 
 A row passes when it has no spills, its shared memory fits the target, and on sm_90 the
 GEMM kernels (forward, dx) with BLOCK_M >= 64 use HGMMA. Exit status 1 if any row fails.
@@ -55,7 +56,7 @@ from speclora_kernels.quant import NF4Weight  # noqa: E402
 # Max shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # activation dtype, and for fp32 torch's matmul precision during the launch ("ieee" is
-# torch's default: the kernels' fp32 dots then run without TF32)
+# torch's default: the kernels' fp32 dots then run as three TF32 products, fp32-accurate)
 DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
           "fp32": (torch.float32, "ieee"), "fp32-tf32": (torch.float32, "tf32")}
 GEMM_KERNELS = ("fwd_kernel", "dx_kernel")
@@ -346,9 +347,7 @@ def compile_job(job: Job) -> Row:
         problems.append("spills")
     if row.smem > row.smem_limit:
         problems.append("smem")
-    # IEEE fp32 dots (torch's default for fp32) have no tensor-core instruction
-    tensor_cores = job.dtype != "fp32"
-    if (tensor_cores and job.arch >= 90 and job.kernel in GEMM_KERNELS and job.block_m >= 64
+    if (job.arch >= 90 and job.kernel in GEMM_KERNELS and job.block_m >= 64
             and row.mma != "HGMMA"):
         problems.append("no HGMMA")
     row.status = "ok" if not problems else "FAIL: " + ", ".join(problems)

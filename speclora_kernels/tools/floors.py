@@ -146,7 +146,8 @@ read by every NF4 launch besides the weight's own bytes."""
 
 
 def nf4_weight_bytes(out_features: int, in_features: int, *, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes of a bitsandbytes NF4 weight: packed codes plus scales (bitsandbytes layout: one absmax per block, doubly quantized).
+    """Bytes of a bitsandbytes NF4 weight: packed codes plus scales (bitsandbytes layout:
+    one absmax per block, doubly quantized).
 
     Without double quant: one fp32 absmax per block. With it: one uint8 absmax per block,
     one fp32 ``absmax2`` per 256 blocks, the 256-entry fp32 code map and the fp32 offset.

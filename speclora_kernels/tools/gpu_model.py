@@ -31,7 +31,7 @@ import dataclasses
 import math
 from typing import Iterable, Optional
 
-from ..hardware import H100, GPU
+from ..hardware import GPU, H100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,10 @@
   under the bandwidth-only prediction (``floors.predict_h100``) the old tables used and
   under this model;
 - **NF4 decodes per call**: how many times a forward and a backward decode W, at M = 16,
-  512 and 8192;
+  512 and 8192, and the call's transient memory (the dequantized W above
+  ``plan.NF4_REGISTER_ROWS`` rows): the bytes of every tensor it allocates and does not
+  return or keep, seen by a dispatch mode on the dry run's meta tensors, summed as if all
+  were live at once (an upper bound of the peak), beside one dense bf16 copy of W;
 - **factor gradients**: programs of the factor-gradient launch at M = 512 and 8192;
 - **host time**: Python microseconds per call of the public op on CPU tensors with every
   launch in dry-run mode (argument checks, the cached launch recipe, output allocation:
@@ -27,11 +30,13 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 os.environ.pop("TRITON_INTERPRET", None)  # plans, not interpreted runs
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from ..ops import fused_adapter_linear, launch, plan, tuning  # noqa: E402
 from ..quant import NF4Weight  # noqa: E402
@@ -105,8 +110,46 @@ def decode_rows() -> list[dict]:
     return rows
 
 
+class _Transient(TorchDispatchMode):
+    """Bytes of the tensors allocated inside the block and freed by the time ``total`` is
+    read (the caller drops the launch records first: they hold every launch argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.freed = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided,
+                                   torch.ops.aten.empty_like, torch.ops.aten.new_empty,
+                                   torch.ops.aten.zeros, torch.ops.aten.zeros_like,
+                                   torch.ops.aten.new_zeros, torch.ops.aten.full):
+            weakref.finalize(out, self._free, out.numel() * out.element_size())
+        return out
+
+    def _free(self, size):
+        self.freed += size
+
+
+def _transient_bytes(M, N, K, R, backward) -> int:
+    x, w, b, d, s, u = _inputs(M, N, K, R, True)
+    dy, t = torch.empty(M, N, **META), torch.empty(M, R, device="meta")
+    with _Transient() as transient:
+        with tuning.record_launches(dry_run=True) as launches:
+            if backward:
+                out = launch.adapter_backward(dy, x, w, d, s, u, t, None, 0.0, 0, R, True,
+                                              True, True, True)
+            else:
+                out = launch.adapter_forward(x, w, b, d, s, u, None, 0.0, 0, True)
+        del launches[:]
+    freed = transient.freed
+    del out  # the outputs are not transient
+    return freed
+
+
 def decodes_per_call(N=4096, K=4096, R=48) -> list[dict]:
-    """Times W is decoded by one forward and one backward (dx) on an NF4 base."""
+    """Times W is decoded by one forward and one backward (dx) on an NF4 base, and the
+    call's transient bytes (``_Transient``)."""
     rows = []
     for M in (16, 512, 8192):
         for backward in (False, True):
@@ -121,7 +164,9 @@ def decodes_per_call(N=4096, K=4096, R=48) -> list[dict]:
                 elif full.get("NF4") and kernel is tuning.SPLITK:
                     count += 1
             rows.append({"M": M, "pass": "backward (dx)" if backward else "forward",
-                         "decodes": count})
+                         "decodes": count,
+                         "transient_MB": _transient_bytes(M, N, K, R, backward) / 2**20,
+                         "dense_bf16_W_MB": 2 * N * K / 2**20})
     return rows
 
 
@@ -186,7 +231,8 @@ def main(argv=None) -> int:
                                     "vs_floor", "bound", "fused_programs",
                                     "fused_bandwidth_only_us", "fused_predicted_us"]))
     print("\nNF4 decodes of W per call (4096x4096, R = 48):")
-    print(_table(report["nf4_decodes"], ["M", "pass", "decodes"]))
+    print(_table(report["nf4_decodes"], ["M", "pass", "decodes", "transient_MB",
+                                         "dense_bf16_W_MB"]))
     print("\nFactor-gradient launch (R = 48):")
     print(_table(report["factor_gradients"], ["shape", "M", "splits", "programs", "waves"]))
     print("\nHost time per call, measured here (dry-run launches, 4096x4096, M = 1, R = 48):")

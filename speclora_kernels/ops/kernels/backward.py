@@ -10,8 +10,17 @@
 import triton
 import triton.language as tl
 
-from .common import (down_back_step, down_step, dropout_rescale, grouped_tile, keep_mask,
-                     load_weight_tile, pad_ranks, split_total, widen_index)
+from .common import (
+    down_back_step,
+    down_step,
+    dropout_rescale,
+    grouped_tile,
+    keep_mask,
+    load_weight_tile,
+    pad_ranks,
+    split_total,
+    widen_index,
+)
 
 
 @triton.jit

@@ -12,8 +12,7 @@ The base weight is dense or NF4 (decoded tile by tile in registers, ``load_weigh
 import triton
 import triton.language as tl
 
-from .common import (down_step, dropout_rescale, grouped_tile, load_weight_tile, pad_ranks,
-                     up_step, widen_index)
+from .common import down_step, dropout_rescale, grouped_tile, load_weight_tile, pad_ranks, up_step, widen_index
 
 
 @triton.jit

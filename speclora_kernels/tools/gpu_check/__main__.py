@@ -239,7 +239,8 @@ class Runner:
         self.save()
 
     def serial_stage(self):
-        from . import collect, tuning_checks as tc
+        from . import collect
+        from . import tuning_checks as tc
 
         stages = [("tuning_first_call", "tuning.first_call", tc.first_call_cost,
                    collect.tuning_first_call_check),

@@ -27,9 +27,10 @@ PATTERNS = {
     "spectral_on_linear4bit": (12, 0, 6, ("x", "down", "up")),  # W0 base, frozen -term rows
     "pica": (6, 0, None, ("x", "up")),
 }
-# "fp32": IEEE fp32 dots; "tf32": fp32 with torch.backends.cuda.matmul.fp32_precision="tf32"
+# "fp32": fp32-accurate dots (torch's default precision; the kernels run tf32x3); "tf32":
+# fp32 with torch.backends.cuda.matmul.fp32_precision="tf32"
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
-PATHS = ("fused", "split", "segmented")
+PATHS = ("fused", "split", "segmented", "splitk")  # splitk: the decode forward (M <= 16)
 BASES = ("dense", "nf4_dq", "nf4_nodq")
 DROPOUTS = (0.0, 0.3)
 ROWS = (1, 16, 17, 130, 512)

@@ -30,8 +30,15 @@ import triton
 
 from ...methods import SpectralAdditive
 from ...modules import AdapterLinear
-from ...ops import (dropout_keep_mask, dropout_seed, fused_adapter_linear, launch, recipe,
-                    reference_adapter_linear, tuning)
+from ...ops import (
+    dropout_keep_mask,
+    dropout_seed,
+    fused_adapter_linear,
+    launch,
+    recipe,
+    reference_adapter_linear,
+    tuning,
+)
 from ...ops import plan as op_plan
 from ...quant import NF4Weight, dequantize_nf4
 from . import cases
@@ -106,13 +113,29 @@ def path_taken(launches) -> dict:
     """The path each GEMM launch took, from the recorded launch arguments."""
     taken = {}
     for kernel, args in launches:
-        if kernel is tuning.FWD:
+        if kernel is tuning.SPLITK:
+            taken["fwd"] = "splitk"
+        elif kernel is tuning.FWD:
             taken["fwd"] = ("segmented" if args["SEGMENTED"] else
                             "fused" if args["FUSE_DOWN"] else "split")
         elif kernel is tuning.DX:
             taken["dx"] = ("segmented" if args["SEGMENTED"] else
                            "fused" if args["FUSE_UP"] else "split")
     return taken
+
+
+def expected_paths(path: str, M: int, R: int, weight) -> dict:
+    """The path each GEMM launch must take when ``path`` is forced: the split beyond the
+    fused rank cap; a forced split-K only for the decode forward it serves (M <= 16, a base
+    it takes), the fused kernels elsewhere."""
+    if R > launch.fused_rank_cap(weight):
+        return {"fwd": "split", "dx": "split"}
+    if path != "splitk":
+        return {"fwd": path, "dx": path}
+    nf4 = isinstance(weight, NF4Weight)
+    splitk = (M <= op_plan.SPLITK_MAX_ROWS and R <= op_plan.FUSED_MAX_RANK
+              and (not nf4 or weight.shape[1] % weight.blocksize == 0))
+    return {"fwd": "splitk" if splitk else "fused", "dx": "fused"}
 
 
 def _verdict(errors: dict, tol: float, problems: list) -> dict:
@@ -214,9 +237,8 @@ def run_case(payload: dict) -> dict:
     y_ref, ref_grads = reference(t, w64, p, rd, rg, mask, dy, list(got))
     out = compare(t, y, got, y_ref, ref_grads, TOL[case["dtype"]], rg)
     taken = path_taken(launches)
-    cap = launch.fused_rank_cap(t["weight"])
-    want = case["path"] if R <= cap else "split"
-    if any(v != want for v in taken.values()):
+    want = expected_paths(case["path"], case["M"], R, t["weight"])
+    if any(v != want[k] for k, v in taken.items()):
         out["problems"].append(f"took {taken}, forced {case['path']}")
         out["status"] = "fail"
     out.update(path=taken, kernels=[k.name for k, _ in launches],
@@ -238,18 +260,24 @@ def config_name(cfg) -> str:
 
 
 def run_forced_config(payload: dict) -> dict:
-    """Forward + backward at ``FORCED_SHAPE`` with one kernel restricted to one config (the
-    projection kernel on the split path, the others on the fused path), vs float64. A
-    config whose shared-memory estimate exceeds the device's limit is skipped (the
-    launcher never runs it there)."""
+    """Forward + backward at ``FORCED_SHAPE`` with one kernel restricted to one config, on
+    the path that launches it (the projection kernel on the split path, split-K at 16 rows,
+    the dequantizer on an NF4 base, the others on the fused path), in the activation dtype
+    the config serves (fp32 or ``FORCED_SHAPE``'s), vs float64. A config whose
+    shared-memory estimate exceeds the device's limit is skipped (the launcher never runs
+    it there)."""
     kernel = next(k for k in tuning.KERNELS if k.name == payload["kernel"])
     cfg = kernel.configs[int(payload["index"])]
     seed, device = int(payload["seed"]), payload.get("device", "cuda")
-    s = FORCED_SHAPE
-    dtype = DTYPES[s["dtype"]] if torch.device(device).type == "cuda" else torch.float16
-    path = "split" if kernel is tuning.PROJ else "fused"
+    s = dict(FORCED_SHAPE, M=16) if kernel is tuning.SPLITK else FORCED_SHAPE
+    if tuning.serves_fp32(cfg):
+        s = dict(s, dtype="fp32")
+    dtype = (DTYPES[s["dtype"]] if torch.device(device).type == "cuda" or s["dtype"] == "fp32"
+             else torch.float16)  # the interpreter's bf16 dot is broken
+    path = {tuning.PROJ: "split", tuning.SPLITK: "splitk"}.get(kernel, "fused")
+    base = "nf4_dq" if kernel is tuning.DEQUANT else "dense"
     g = torch.Generator().manual_seed(seed)
-    t, w64 = make_op_inputs(s["M"], s["in_f"], s["out_f"], s["R"], dtype, "dense", 64,
+    t, w64 = make_op_inputs(s["M"], s["in_f"], s["out_f"], s["R"], dtype, base, 64,
                             ("x", "bias", "down", "scale", "up"), True, g, device)
     dy = torch.randn(s["M"], s["out_f"], generator=g).to(dtype).to(device)
     args = dict(dropout_p=s["dropout_p"], dropout_rows=s["dropout_rows"],
