@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
 
 OP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Activation dtypes of the op tests: the interpreter's bf16 tl.dot multiplies raw bits
@@ -90,13 +89,6 @@ def kernel_launches():
     names.extend(kernel.name for kernel, _ in launches)
 
 
-def narrow_configs(configs, out):
-    """Configs with 64-wide output tiles (``out``: BLOCK_N forward, BLOCK_K dx), at 8 warps
-    as the segmented kernels require (warps mean nothing to the interpreter)."""
-    return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
-            if c.kwargs[out] == 64]
-
-
 @contextlib.contextmanager
 def forced_path(path, segments=2):
     """Every launch takes the fused, split, segmented or (decode forward) split-K path (None:
@@ -112,6 +104,6 @@ def forced_path(path, segments=2):
             stack.enter_context(plan.forced_plan(path, segments))
         if path == "segmented":
             stack.enter_context(tuning.restricted_configs({
-                tuning.FWD: narrow_configs(tuning.FWD.configs, "BLOCK_N"),
-                tuning.DX: narrow_configs(tuning.DX.configs, "BLOCK_K")}))
+                tuning.FWD: tuning.narrow_configs(tuning.FWD.configs, "BLOCK_N"),
+                tuning.DX: tuning.narrow_configs(tuning.DX.configs, "BLOCK_K")}))
         yield

@@ -28,8 +28,9 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     Args:
         x: (..., in) input, float16 / bfloat16 / float32 (float64 runs in PyTorch).
         weight: (out, in) dense base weight in x's dtype (never copied), or a frozen
-            ``NF4Weight`` (bitsandbytes' layout), decoded tile by tile to x's dtype inside
-            the kernels, never materialised (the CPU fallback dequantizes).
+            ``NF4Weight`` (bitsandbytes' layout), decoded to x's dtype: tile by tile inside
+            the kernels while one row tile covers M (decode, short prompts), else once per
+            call into a transient dense copy, freed on return and never saved.
         bias: (out,) or None.
         down: (R, in) ``D``; up: (out, R) ``U``; any float dtype (e.g. float32 parameters):
             rounded to x's dtype as the kernels load them, gradients in their own dtype.

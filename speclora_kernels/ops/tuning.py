@@ -61,17 +61,27 @@ def _gemm_configs(out: str, red: str) -> list[triton.Config]:
                      for bm, bo, bk, gm, w, s in fp32]))
 
 
-_FP32_CONFIGS: set[int] = set()  # ids of the configs meant for 4-byte activations
-
-
 def _fp32(configs: list[triton.Config]) -> list[triton.Config]:
-    _FP32_CONFIGS.update(id(c) for c in configs)
+    for c in configs:
+        c.serves_fp32 = True  # a mark on the config itself: copies carry it (narrow_configs)
     return configs
 
 
 def serves_fp32(cfg: triton.Config) -> bool:
     """True for the configs of 4-byte activations (the others serve 16-bit ones)."""
-    return id(cfg) in _FP32_CONFIGS
+    return getattr(cfg, "serves_fp32", False)
+
+
+def narrow_configs(configs: list[triton.Config], out: str) -> list[triton.Config]:
+    """The configs with 64-wide ``out`` tiles, at 8 warps: what makes the segmented kernels
+    take several tiles per segment at small shapes (tests and ``gpu_check`` force them)."""
+    narrow = []
+    for c in configs:
+        if c.kwargs[out] == 64:
+            copy = triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
+            copy.serves_fp32 = serves_fp32(c)
+            narrow.append(copy)
+    return narrow
 
 
 def _dtype_fits(cfg, a, operand: str) -> bool:
@@ -146,7 +156,15 @@ def _fwd_fits(cfg, a) -> bool:
         ok = ok and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
     if a["SEGMENTED"]:  # 8 warps, as dx: at 4, 64 x 64 x 64 spills 16 bytes on sm_80 at R = 16
         return ok and cfg.num_warps == 8 and _segment_tile_fits(cfg, a, b["BLOCK_N"])
-    return ok and (not a["FUSE_DOWN"] or a["R"] <= fused_rank_limit(b["BLOCK_N"]))
+    return ok and (not a["FUSE_DOWN"] or a["R"] <= _rank_limit(a, b["BLOCK_N"]))
+
+
+def _rank_limit(a, block_out: int) -> int:
+    """Widest R a fused tile ``block_out`` wide takes; the NF4 span decoder's fp32 tiles are
+    32 wide (registers), and the plan caps its fused rank at the 64-wide tile's anyway."""
+    if a.get("NF4") and not a["NF4_ROWS"]:
+        block_out = max(block_out, 64)
+    return fused_rank_limit(block_out)
 
 
 def _segment_tile_fits(cfg, a, block_out: int) -> bool:
@@ -179,7 +197,7 @@ def _dx_fits(cfg, a) -> bool:
             ok = ok and bm == 64 and cfg.num_warps == 8
     if a["SEGMENTED"]:  # 8 warps: at 4, 64 x 64 x 64 spills 8 bytes on sm_80 even at R = 16
         return ok and cfg.num_warps == 8 and _segment_tile_fits(cfg, a, b["BLOCK_K"])
-    return ok and (not a["FUSE_UP"] or a["R"] <= fused_rank_limit(b["BLOCK_K"]))
+    return ok and (not a["FUSE_UP"] or a["R"] <= _rank_limit(a, b["BLOCK_K"]))
 
 
 def _dx_smem(cfg, a) -> int:
@@ -236,8 +254,10 @@ def _factor_smem(cfg, a) -> int:
 
 
 # split-K decode: the column tile (BLOCK_N) and row tile (BLOCK_M) come from the plan
+# 8 warps: at 4 the 16-bit split-K tiles spill 16-40 bytes (tools/compile_report); 128 at
+# 2 stages fits sm_80's shared memory (NF4 without double quant needs it there)
 _SPLITK_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bk, w, s in [(64, 4, 4), (64, 8, 4), (128, 4, 3), (128, 8, 3)]
+                   for bk, w, s in [(32, 8, 4), (64, 8, 4), (128, 8, 3), (128, 8, 2)]
                    ] + _fp32([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
                               for bk, w, s in [(32, 8, 3), (64, 8, 3)]])
 
@@ -248,6 +268,14 @@ def _splitk_fits(cfg, a) -> bool:
     bk, threads = cfg.kwargs["BLOCK_K"], 32 * cfg.num_warps
     bm, bn, br = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_R"]
     if not _dtype_fits(cfg, a, "x_ptr") or a["k_split"] % bk or bk > pow2(a["K"]):
+        return False
+    # 16-bit, spill-free only (compile_report): rows of x not 16-byte aligned take 32-deep
+    # steps; NF4 at least 64 deep (128 without double quant, at 2 stages on sm_80's shared
+    # memory); the 2-stage tile only there (dense, it spills 8 bytes on sm_80)
+    nodq = a["NF4"] and not a["NF4_DOUBLE_QUANT"]
+    if a["x_ptr"].element_size() == 2 and (
+            (a["K"] % 8 and bk != 32) or (cfg.num_stages == 2) != nodq
+            or (a["NF4"] and bk < (128 if nodq else 64))):
         return False
     elements = bm * (bn + br)
     if a["NF4"]:

@@ -226,6 +226,11 @@ def plan(archs, dtypes, scenarios, extremes_only=False):
     for label, (scenario, M, K, N, R, dropout, base) in itertools.product(dtypes, scenarios):
         for kernel, args in _launches(M, K, N, R, dropout, label, base):
             fitting = [c for c in kernel.configs if kernel.fits(c, args)]
+            if not fitting:  # the launcher would fall back to a config no rule admits
+                for arch in archs:
+                    pruned.append(Row(kernel.name, scenario, _variant(kernel, args), "-", arch,
+                                      label, status="FAIL: no config fits"))
+                continue
             if extremes_only:
                 fitting = list({id(c): c for c in (min(fitting, key=_tile_area),
                                                    max(fitting, key=_tile_area))}.values())

@@ -26,7 +26,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ...methods import SpectralAdditive
 from ...modules import AdapterLinear
@@ -85,13 +84,6 @@ def fp32_precision(tf32: bool):
             matmul.allow_tf32 = previous
 
 
-def narrow_configs(configs, out: str) -> list:
-    """64-wide output tiles at 8 warps: the segmented kernels' configs at small shapes,
-    so that a 200-wide output makes segments of several tiles."""
-    return [triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages) for c in configs
-            if c.kwargs[out] == 64]
-
-
 @contextlib.contextmanager
 def forced_path(path: str, segments: int = 2):
     """Every launch in the block takes ``path`` (where the rank allows it)."""
@@ -99,8 +91,8 @@ def forced_path(path: str, segments: int = 2):
         stack.enter_context(op_plan.forced_plan(path, segments))
         if path == "segmented":
             stack.enter_context(tuning.restricted_configs({
-                tuning.FWD: narrow_configs(tuning.FWD.configs, "BLOCK_N"),
-                tuning.DX: narrow_configs(tuning.DX.configs, "BLOCK_K")}))
+                tuning.FWD: tuning.narrow_configs(tuning.FWD.configs, "BLOCK_N"),
+                tuning.DX: tuning.narrow_configs(tuning.DX.configs, "BLOCK_K")}))
         yield
 
 
