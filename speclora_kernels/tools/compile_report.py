@@ -96,7 +96,7 @@ SCENARIOS = [
     ("decode-nf4-oddk-odd", 1, 4095, 4096, 16, False, "nf4-nodq"),
     ("train-nf4-oddk", 4096, 4000, 4096, 64, False, "nf4"),
 ]
-QUICK = ("decode", "train", "train-seg", "decode-nf4", "train-nf4", "decode-nf4-oddk")
+QUICK = ("decode", "train", "train-seg", "decode-nf4", "prompt-64-nf4", "train-nf4", "decode-nf4-oddk")
 
 
 @dataclass
