@@ -75,16 +75,12 @@ def serves_fp32(cfg: triton.Config) -> bool:
 def narrow_configs(configs: list[triton.Config], out: str) -> list[triton.Config]:
     """The configs with 64-wide ``out`` tiles, at 8 warps: what makes the segmented kernels
     take several tiles per segment at small shapes (tests and ``gpu_check`` force them)."""
-    narrow = []
-    for c in configs:
-        if c.kwargs[out] == 64:
-            copy = triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages)
-            copy.serves_fp32 = serves_fp32(c)
-            narrow.append(copy)
-    return narrow
+    narrow = [(triton.Config(c.kwargs, num_warps=8, num_stages=c.num_stages), c)
+              for c in configs if c.kwargs[out] == 64]
+    return [_fp32([copy])[0] if serves_fp32(c) else copy for copy, c in narrow]
 
 
-def _dtype_fits(cfg, a, operand: str) -> bool:
+def _dtype_fits(cfg, a, operand: str) -> bool:  # a config serves 16-bit or fp32 activations
     return serves_fp32(cfg) == (a[operand].element_size() == 4)
 
 
@@ -162,9 +158,7 @@ def _fwd_fits(cfg, a) -> bool:
 def _rank_limit(a, block_out: int) -> int:
     """Widest R a fused tile ``block_out`` wide takes; the NF4 span decoder's fp32 tiles are
     32 wide (registers), and the plan caps its fused rank at the 64-wide tile's anyway."""
-    if a.get("NF4") and not a["NF4_ROWS"]:
-        block_out = max(block_out, 64)
-    return fused_rank_limit(block_out)
+    return fused_rank_limit(max(block_out, 64) if a.get("NF4") and not a["NF4_ROWS"] else block_out)
 
 
 def _segment_tile_fits(cfg, a, block_out: int) -> bool:
