@@ -97,13 +97,7 @@ def forced_path(path, segments=2):
     "segmented": the one-launch large-M forward and dx at a small shape, ``segments``
     segments of 64-wide output column tiles (the interpreter would otherwise take one tile
     as wide as the output), so that outputs wider than 64 give segments of several tiles."""
-    from speclora_kernels.ops import plan, tuning
+    from speclora_kernels.tools.gpu_check.correctness import forced_path as force
 
-    with contextlib.ExitStack() as stack:
-        if path is not None:
-            stack.enter_context(plan.forced_plan(path, segments))
-        if path == "segmented":
-            stack.enter_context(tuning.restricted_configs({
-                tuning.FWD: tuning.narrow_configs(tuning.FWD.configs, "BLOCK_N"),
-                tuning.DX: tuning.narrow_configs(tuning.DX.configs, "BLOCK_K")}))
+    with force(path, segments) if path is not None else contextlib.nullcontext():
         yield
