@@ -35,7 +35,36 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, help="pool processes (default min(cores, 8))")
     p.add_argument("--costs", help="JSON file of cost-table overrides (budget.DEFAULT_COSTS "
                                    "keys, seconds)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan for this budget and exit (no GPU needed; --cores and "
+                        "--gpus describe the machine)")
+    p.add_argument("--cores", type=int, help="with --plan-only: the host's cores (default: "
+                                             "this one's)")
+    p.add_argument("--gpus", type=int, default=1, help="with --plan-only: GPUs (1)")
     return p.parse_args(argv)
+
+
+def make_plan(args, cores: int, gpus: int):
+    """The run's plan (``budget.make_plan`` over the registered checks), and the forced-
+    config jobs it trims."""
+    from . import budget, cases, correctness, runtime, timings
+
+    costs = {**budget.DEFAULT_COSTS, **(json.load(open(args.costs)) if args.costs else {})}
+    forced = correctness.forced_config_jobs()
+    plan = budget.make_plan(
+        args.budget, cores, gpus, costs,
+        cover_cases=len(cases.covering_design()), max_cases=cases.product_size(),
+        layer_jobs=len(correctness.LAYER_METHODS) * len(correctness.LAYER_DTYPES),
+        forced_configs=len(forced), timing_items=timings.planner_items(),
+        pytest_available=runtime.repo_root() is not None)
+    return plan, costs, forced
+
+
+def point_labels() -> dict:
+    """Each timing pair's points, in the order the plan takes them."""
+    from . import timings
+
+    return {name: [p.label for p in pair.points] for name, pair in timings.REGISTRY.items()}
 
 
 class BudgetExceeded(Exception):
@@ -57,23 +86,14 @@ def _driver() -> str:
 
 class Runner:
     def __init__(self, args, torch, t0: float | None = None):
-        from . import budget, cases, correctness, runtime, timings
-
         self.args, self.torch = args, torch
         self.t0 = time.monotonic() if t0 is None else t0
         self.deadline = self.t0 + args.budget
         self.seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4),
                                                                            "little") % 2**31
         self.cores = args.workers or os.cpu_count() or 1
-        costs = json.load(open(args.costs)) if args.costs else None
-        self.costs = {**budget.DEFAULT_COSTS, **(costs or {})}
-        self.forced = correctness.forced_config_jobs()
-        self.plan = budget.make_plan(
-            args.budget, self.cores, torch.cuda.device_count(), self.costs,
-            cover_cases=len(cases.covering_design()), max_cases=cases.product_size(),
-            layer_jobs=len(correctness.LAYER_METHODS) * len(correctness.LAYER_DTYPES),
-            forced_configs=len(self.forced), timing_items=timings.planner_items(),
-            pytest_available=runtime.repo_root() is not None)
+        self.plan, self.costs, self.forced = make_plan(args, self.cores,
+                                                       torch.cuda.device_count())
         props = torch.cuda.get_device_properties(0)
         import triton
 
@@ -171,7 +191,7 @@ class Runner:
             add("forced_config", f"forced{i}", **job)
         for pair in timings.REGISTRY.values():
             if plan.get(pair.name):
-                for i, point in enumerate(pair.prewarm_points()):
+                for i, point in enumerate(pair.prewarm_points(plan.units(pair.name))):
                     add("prewarm", f"prewarm.{pair.name}{i}", pair=pair.name,
                         point=dataclasses.asdict(point))
         return jobs
@@ -298,18 +318,22 @@ class Runner:
                 t0 = time.monotonic()
                 until = min(self.deadline - 3, time.monotonic() + 1.3 * item.estimate + 10)
                 res = timings.run_pair(pair, item.units, until, "cuda", self.seed)
+                caveat = pair.caveat()
                 return collect.timing_check(f"timings.{pair.name}", res,
                                             time.monotonic() - t0, item.estimate,
-                                            pair.description)
+                                            pair.description + (f" ({caveat}: its "
+                                                                "contenders left out)"
+                                                                if caveat else ""))
 
             self.guarded(f"timings.{pair.name}", item.estimate, run)
 
     def run(self) -> int:
         from . import report
+        from .budget import describe
 
-        print(f"gpu_check on {self.meta['gpu']}: budget {self.args.budget:.0f} s, plan "
-              f"~{self.plan.estimate:.0f} s, {self.plan.units('cases')} op cases, seed "
+        print(f"gpu_check on {self.meta['gpu']}: budget {self.args.budget:.0f} s, seed "
               f"{self.seed}", flush=True)
+        print(describe(self.plan, point_labels()), flush=True)
         signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(int(max(0.0, self.left()) + GRACE_S))
         try:
@@ -332,6 +356,12 @@ class Runner:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.plan_only:
+        from .budget import describe
+
+        print(describe(make_plan(args, args.cores or os.cpu_count() or 1, args.gpus)[0],
+                       point_labels()))
+        return 0
     import torch
 
     if not torch.cuda.is_available():

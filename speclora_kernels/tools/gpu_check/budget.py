@@ -4,20 +4,25 @@
 table, so it is tested on CPU. Order of priority, each item planned only if the estimated
 total still fits:
 
-1. correctness: the op cases (the covering design at least, trimmed from its tail when
+1. the timings the project's claims rest on: the device ceilings and each timing pair's
+   key points (decode at M = 1 and 16, a training step at M = 4096, NF4 against dense, ours
+   against PEFT-style LoRA), trimmed from their tail only when even they do not fit;
+2. correctness: the op cases (the covering design at least, trimmed from its tail when
    even it does not fit; more cases with more budget: ``CORRECTNESS_SHARE`` of it), the
    dropout mask, the layer checks, every autotune config forced once (trimmable);
-2. runtime behaviour: the CUDA-graph training step, two devices, the tuning checks,
+3. runtime behaviour: the CUDA-graph training step, two devices, the tuning checks,
    ``torch.compile``, then the op test files under pytest (trimmable down to a minimum);
-3. timings: the ceilings, the streaming scan, then each registered timing pair
-   (trimmable, point by point).
+4. the rest of the timings: the streaming scan, then each pair's other points (trimmable,
+   point by point).
 
-Correctness is never dropped for anything after it. Pool items run in the worker pool
-(``min(cores, 8)`` processes, compile-bound: their cost is CPU-seconds, divided among the
-workers); serial items run alone in the main process (wall-clock measurements, and the
-devices). The estimates are seconds on a cold Triton cache; ``DEFAULT_COSTS`` says where each
-comes from. The report lists every item's estimate beside its measured seconds, so the table
-can be corrected from a real run (``--costs FILE``).
+The key timings cost a few tens of seconds and nothing else can tell whether the kernels
+are fast, so they come before the rest of correctness; correctness is never dropped for
+the other timings. Pool items run in the worker pool (``min(cores, 8)`` processes,
+compile-bound: their cost is CPU-seconds, divided among the workers); serial items run alone
+in the main process (wall-clock measurements, and the devices). The estimates are seconds
+on a cold Triton cache; ``DEFAULT_COSTS`` says where each comes from. The report lists every
+item's estimate beside its measured seconds, so the table can be corrected from a real run
+(``--costs FILE``); ``describe`` prints a plan before the run starts.
 """
 from __future__ import annotations
 
@@ -134,7 +139,8 @@ def make_plan(budget: float, cores: int, gpus: int, costs: dict | None = None, *
     """The checks that fit ``budget`` seconds, in priority order (see the module docstring).
 
     ``timing_items``: ``(name, points, seconds per point, prewarm jobs, skip reason or
-    None)`` per registered timing pair, in the order they should be measured.
+    None, key points, prewarm jobs of the key points)`` per registered timing pair, in the
+    order they should be measured (``timings.planner_items``).
     """
     c = {**DEFAULT_COSTS, **(costs or {})}
     workers = workers_for(cores)
@@ -146,17 +152,60 @@ def make_plan(budget: float, cores: int, gpus: int, costs: dict | None = None, *
     def spent(extra_pool=0.0, longest=0.0, extra_serial=0.0):
         return pool.wall(extra_pool, longest) + serial + extra_serial
 
-    # 1. op cases: the cover if the whole budget allows it, and at least CORRECTNESS_SHARE
+    def left():
+        return max(0.0, usable - spent())
+
+    def timing_points(first, last, per_point, prewarm_jobs, reserve=0.0):
+        """How many of points ``first+1 .. last`` fit (their prewarm jobs come with them),
+        leaving ``reserve`` CPU-seconds of pool work room."""
+        nonlocal serial
+        warm = prewarm_jobs * c["prewarm_point"]
+        fit = last - first
+        while fit and spent(warm + reserve, c["prewarm_point"] if warm else 0.0,
+                            fit * per_point) > usable:
+            fit -= 1
+        if fit:
+            pool.add(warm, c["prewarm_point"] if warm else 0.0)
+            serial += fit * per_point
+        return fit
+
+    def serial_timing(name):
+        nonlocal serial
+        if spent(extra_serial=c[name]) <= usable:
+            serial += c[name]
+            items.append(Item(name, f"timings.{name}", "timing", 1, c[name]))
+        else:
+            skipped.append((name, f"timings.{name}",
+                            f"budget: needs ~{c[name]:.0f} s, {left():.0f} s left"))
+
+    # 1. the key timings, leaving room for the fewest op cases ever run
+    min_cases = MIN_CASES * c["case"]
+    serial_timing("ceilings")
+    pairs = {}
+    for name, points, per_point, prewarm, reason, key, key_prewarm in timing_items:
+        check = f"timings.{name}"
+        if reason:
+            skipped.append((name, check, reason))
+            continue
+        before = spent()
+        fit = timing_points(0, min(key, points), per_point, key_prewarm, min_cases) if key else 0
+        item = Item(name, check, "timing", fit, spent() - before)
+        pairs[name] = (item, points, per_point, prewarm, key_prewarm if fit else 0)
+        if fit:
+            items.append(item)
+
+    # 2. op cases: the cover if the budget left allows it, and at least CORRECTNESS_SHARE
     per_case = c["case"]
+    room = left()
     cover_wall = c["pool_start"] + cover_cases * per_case / workers
-    target = max(CORRECTNESS_SHARE * usable, min(cover_wall, usable))
+    target = max(CORRECTNESS_SHARE * room, min(cover_wall, room))
     n_cases = math.floor((target - c["pool_start"]) * workers / per_case)
     n_cases = max(MIN_CASES, min(max_cases, n_cases))
     pool.add(n_cases * per_case, per_case)
     items.append(Item("cases", "correctness.cases", "pool", n_cases,
                       n_cases * per_case / workers))
 
-    # 2. the rest of correctness, runtime behaviour
+    # 2, 3. the rest of correctness, runtime behaviour
     for name, check, stage, key, two_gpus in FIXED_ITEMS:
         if two_gpus and gpus < 2:
             skipped.append((name, check, "skipped: one GPU"))
@@ -181,49 +230,53 @@ def make_plan(budget: float, cores: int, gpus: int, costs: dict | None = None, *
             items.append(Item(name, check, stage, 1, cost))
             continue
         needs = units * cost / workers if stage == "pool" else cost
-        skipped.append((name, check, f"budget: needs ~{needs:.0f} s, "
-                                     f"{max(0.0, usable - spent()):.0f} s left"))
+        skipped.append((name, check, f"budget: needs ~{needs:.0f} s, {left():.0f} s left"))
 
-    left = usable - spent()
     if not pytest_available:
         skipped.append(("pytest", "pytest", "skipped: tests/ not found beside the package"))
-    elif left >= c["pytest_min"]:
-        seconds = min(c["pytest"], left)
+    elif left() >= c["pytest_min"]:
+        seconds = min(c["pytest"], left())
         serial += seconds
         items.append(Item("pytest", "pytest", "pytest", int(seconds), seconds))
     else:
         skipped.append(("pytest", "pytest", f"budget: needs >= {c['pytest_min']:.0f} s, "
-                                            f"{max(0.0, left):.0f} s left"))
+                                            f"{left():.0f} s left"))
 
-    # 3. timings, with what is left
-    for name, key in (("ceilings", "ceilings"), ("stream_scan", "stream_scan")):
-        if spent(extra_serial=c[key]) <= usable:
-            serial += c[key]
-            items.append(Item(name, f"timings.{name}", "timing", 1, c[key]))
-        else:
-            skipped.append((name, f"timings.{name}",
-                            f"budget: needs ~{c[key]:.0f} s, "
-                            f"{max(0.0, usable - spent()):.0f} s left"))
-    for name, points, per_point, prewarm, reason in timing_items:
-        check = f"timings.{name}"
-        if reason:
-            skipped.append((name, check, reason))
-            continue
-        warm = prewarm * c["prewarm_point"]
-        fit = points
-        while fit and spent(warm, c["prewarm_point"], fit * per_point) > usable:
-            fit -= 1
-        if not fit:
-            skipped.append((name, check, f"budget: needs ~{per_point + warm / workers:.0f} s "
-                                         f"for one point, "
-                                         f"{max(0.0, usable - spent()):.0f} s left"))
-            continue
+    # 4. the rest of the timings, with what is left
+    serial_timing("stream_scan")
+    for name, (item, points, per_point, prewarm, warmed) in pairs.items():
         before = spent()
-        pool.add(warm, c["prewarm_point"] if prewarm else 0.0)
-        serial += fit * per_point
-        items.append(Item(name, check, "timing", fit, spent() - before))
-        if fit < points:
-            skipped.append((name, check, f"budget: {points - fit} of {points} points left "
-                                         f"out (~{per_point:.0f} s each)"))
+        more = timing_points(item.units, points, per_point, prewarm - warmed)
+        if more and not item.units:
+            items.append(item)
+        item.units += more
+        item.estimate += spent() - before
+        if not item.units:
+            skipped.append((name, item.check, f"budget: needs ~{per_point + c['prewarm_point'] / workers:.0f} s "
+                                              f"for one point, {left():.0f} s left"))
+        elif item.units < points:
+            skipped.append((name, item.check, f"budget: {points - item.units} of {points} points "
+                                              f"left out (~{per_point:.0f} s each)"))
     return Plan(budget, cores, gpus, workers, cover_cases, items, skipped,
                 c["startup"] + c["report"] + spent())
+
+
+def describe(plan: Plan, point_labels: dict | None = None) -> str:
+    """The plan as text, printed before a run starts: what runs, in priority order, with
+    its estimate (and, given each timing pair's point labels, the points it times), and
+    what is left out and why."""
+    lines = [f"plan for {plan.budget:.0f} s on {plan.cores} cores, {plan.gpus} GPU(s), "
+             f"{plan.workers} workers: ~{plan.estimate:.0f} s estimated"]
+    for i in plan.items:
+        lines.append(f"  run   {i.check:<28} {i.units:>5} {_unit(i):<7} ~{i.estimate:5.1f} s")
+        labels = (point_labels or {}).get(i.name, [])[:i.units]
+        lines += [f"          {label}" for label in labels]
+    lines += [f"  leave {check:<28} {reason}" for _, check, reason in plan.skipped]
+    return "\n".join(lines)
+
+
+def _unit(item: Item) -> str:
+    if item.stage == "timing":
+        return "points" if item.units > 1 or item.name not in ("ceilings", "stream_scan") else ""
+    return {"cases": "cases", "layers": "layers", "forced_configs": "configs",
+            "pytest": "s"}.get(item.name, "")

@@ -112,7 +112,11 @@ class Point:
 class TimingPair:
     """``build(point, device, seed) -> (contenders, errors)``: contenders maps a name to a
     callable taking one input set, plus ``"sets"`` (the input sets); errors maps names to
-    relative errors vs float64. The first contender is ours; ratios are against it."""
+    relative errors vs float64. The first contender is ours; ratios are against it.
+
+    The first ``key`` points are the ones the project's claims rest on (decode, a training
+    step): the planner fits them before anything but start-up, the rest only with time left.
+    """
 
     name: str
     description: str
@@ -120,13 +124,20 @@ class TimingPair:
     build: Callable
     per_point_s: float = 3.0
     requires: Callable = lambda: None   # None if it can run, else why it is skipped
+    key: int = 0
+    caveat: Callable = lambda: None     # None, or which contenders are left out and why
 
-    def prewarm_points(self) -> list:
-        """One point per (M, mode) at the first shape: compiling their configs in the pool
+    def prewarm_points(self, n_points: int | None = None) -> list:
+        """One point per (M, mode) among the first ``n_points`` points (default all), at
+        the first shape where that (M, mode) occurs: compiling their configs in the pool
         warms the Triton cache for every shape (shapes don't change the kernels'
         specialization here: all are multiples of 16)."""
-        first = (self.points[0].in_f, self.points[0].out_f) if self.points else None
-        return [p for p in self.points if (p.in_f, p.out_f) == first]
+        seen, warm = set(), []
+        for p in self.points[:n_points]:
+            if (p.M, p.mode) not in seen:
+                seen.add((p.M, p.mode))
+                warm.append(p)
+        return warm
 
 
 REGISTRY: dict = {}
@@ -139,9 +150,9 @@ def register(pair: TimingPair) -> TimingPair:
 
 def planner_items() -> list:
     """What the planner needs of each registered pair: (name, points, seconds per point,
-    prewarm jobs, skip reason or None)."""
-    return [(p.name, len(p.points), p.per_point_s, len(p.prewarm_points()), p.requires())
-            for p in REGISTRY.values()]
+    prewarm jobs, skip reason or None, key points, prewarm jobs of the key points)."""
+    return [(p.name, len(p.points), p.per_point_s, len(p.prewarm_points()), p.requires(),
+             p.key, len(p.prewarm_points(p.key))) for p in REGISTRY.values()]
 
 
 SHAPES = {"llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
@@ -149,9 +160,17 @@ SHAPES = {"llama3-8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)
 MODES = ("fwd", "fwd+bwd")
 
 
-def points(rows, modes=MODES) -> list:
-    return [Point(model, k, n, M, mode) for model, shapes in SHAPES.items()
+def points(rows, modes=MODES, key=()) -> list:
+    """``key`` points first, then every shape x M x mode not among them."""
+    rest = [Point(model, k, n, M, mode) for model, shapes in SHAPES.items()
             for k, n in shapes for M in rows for mode in modes]
+    return list(key) + [p for p in rest if p not in key]
+
+
+# The timings the project's claims rest on: decode (M = 1, 16) on a square and a narrow
+# (k/v) projection, and a training step at M = 4096, all Llama-3-8B shapes.
+KEY_DECODE = [Point("llama3-8b", 4096, n, M, "fwd") for n in (4096, 1024) for M in (1, 16)]
+KEY_DENSE = KEY_DECODE + [Point("llama3-8b", 4096, 4096, 4096, "fwd+bwd")]
 
 
 def n_sets(bytes_per_set: int, device) -> int:
@@ -225,56 +244,77 @@ def _bnb_reason():
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means: skip, with the reason
-        return f"skipped: bitsandbytes not importable ({type(e).__name__}: {e})"[:200]
+        return f"bitsandbytes not importable ({type(e).__name__}: {e})"[:200]
     return None
 
 
 def build_nf4(point: Point, device, seed: int):
-    """Our op on an NF4 base (the bytes bitsandbytes wrote) vs bitsandbytes ``Linear4bit``
-    alone vs ``Linear4bit`` + the same LoRA, PEFT-style."""
-    import bitsandbytes as bnb
-
+    """Our op on an NF4 base vs our op on the same weight dense (bf16, what NF4 saves) vs
+    ``F.linear`` on it, and, where bitsandbytes imports, ``Linear4bit`` alone and with the
+    same LoRA, PEFT-style. With bitsandbytes the NF4 bytes are the ones it wrote; without,
+    our quantizer writes the same bytes bitsandbytes' CPU backend would."""
     from ...quant import NF4Weight, dequantize_nf4
 
+    bnb = None
+    if _bnb_reason() is None:
+        import bitsandbytes as bnb
     g, bf = torch.Generator().manual_seed(seed), torch.bfloat16
     K, N, M = point.in_f, point.out_f, point.M
     sets = []
     for _ in range(n_sets(N * K // 2 + 2 * (M * K + M * N), device)):
-        lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=bf, quant_type="nf4")
-        lin.weight = bnb.nn.Params4bit((torch.randn(N, K, generator=g) * K ** -0.5).to(bf),
-                                       requires_grad=False, quant_type="nf4")
-        lin = lin.to(device)
-        sets.append((lin, NF4Weight.from_bnb(lin), *_inputs(point, g, device, bf)))
+        w = (torch.randn(N, K, generator=g) * K ** -0.5).to(bf)
+        if bnb is None:
+            lin, nf4 = None, NF4Weight.quantize(w, backend="torch").to(device)
+        else:
+            lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=bf, quant_type="nf4")
+            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            lin = lin.to(device)
+            nf4 = NF4Weight.from_bnb(lin)
+        sets.append((lin, nf4, dequantize_nf4(nf4, bf), *_inputs(point, g, device, bf)))
     scale = torch.full((RANK,), SCALING, device=device)
 
     def ours(s):
-        _, w, x, a, b, dy = s
+        _, w, _, x, a, b, dy = s
         return _step(point, lambda: fused_adapter_linear(x, w, None, a, scale, b), (x, a, b),
                      dy)
 
+    def dense(s):
+        _, _, w, x, a, b, dy = s
+        return _step(point, lambda: fused_adapter_linear(x, w, None, a, scale, b), (x, a, b),
+                     dy)
+
+    def linear(s):
+        _, _, w, x, _, _, dy = s
+        return _step(point, lambda: F.linear(x, w), (x,), dy)
+
     def linear4bit(s):
-        lin, _, x, _, _, dy = s
+        lin, _, _, x, _, _, dy = s
         return _step(point, lambda: lin(x), (x,), dy)
 
     def linear4bit_lora(s):
-        lin, _, x, a, b, dy = s
+        lin, _, _, x, a, b, dy = s
         return _step(point, lambda: lin(x) + F.linear(F.linear(x, a), b) * SCALING,
                      (x, a, b), dy)
 
-    lin, w, x, a, b, _ = sets[0]
-    ref = _ref(x, dequantize_nf4(w, bf).double(), a, b)
+    lin, w, wd, x, a, b, _ = sets[0]
+    ref = _ref(x, wd.double(), a, b)
+    contenders = {"fused_nf4": ours, "fused_dense": dense, "linear": linear}
     with torch.no_grad():
-        errors = {"fused_nf4": rel_err(fused_adapter_linear(x, w, None, a, scale, b), ref),
-                  "linear4bit_lora": rel_err(lin(x) + F.linear(F.linear(x, a), b) * SCALING,
-                                             ref)}
-    return {"fused_nf4": ours, "linear4bit": linear4bit, "linear4bit_lora": linear4bit_lora,
-            "sets": sets}, errors
+        errors = {"fused_nf4": rel_err(fused_adapter_linear(x, w, None, a, scale, b), ref)}
+        if lin is not None:
+            contenders.update(linear4bit=linear4bit, linear4bit_lora=linear4bit_lora)
+            errors["linear4bit_lora"] = rel_err(
+                lin(x) + F.linear(F.linear(x, a), b) * SCALING, ref)
+    return {**contenders, "sets": sets}, errors
 
 
 register(TimingPair("dense", "fused op vs F.linear vs PEFT-style LoRA (bf16, R = 48)",
-                    points((1, 16, 512, 8192)), build_dense, per_point_s=3.0))
-register(TimingPair("nf4", "fused op on NF4 vs bitsandbytes Linear4bit (+ LoRA), bf16",
-                    points((1, 16)), build_nf4, per_point_s=3.0, requires=_bnb_reason))
+                    points((1, 16, 512, 8192), key=KEY_DENSE), build_dense, per_point_s=3.0,
+                    key=len(KEY_DENSE)))
+register(TimingPair("nf4", "fused op on NF4 vs the same op dense vs F.linear, and bitsandbytes "
+                           "Linear4bit (+ LoRA) where it imports, bf16",
+                    points((1, 16), key=KEY_DECODE), build_nf4, per_point_s=3.0,
+                    key=len(KEY_DECODE), caveat=_bnb_reason))
 
 
 # ------------------------------------------------------------------ measuring
