@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
+from _interpreter_compat import apply as _fix_old_interpreter  # noqa: E402
+
+_fix_old_interpreter()
 
 OP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Activation dtypes of the op tests: the interpreter's bf16 tl.dot multiplies raw bits

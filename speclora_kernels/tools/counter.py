@@ -299,14 +299,15 @@ def count_triton() -> Iterator[TritonCounter]:
         "call": interp.GridExecutor.__call__,
     }
 
-    # create_load / create_store / descriptor and atomic loads and stores all call these two.
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # create_load / create_store / descriptor and atomic loads and stores all call these two;
+    # their cache arguments differ between Triton versions, so they pass through unnamed.
+    def create_masked_load(self, ptrs, mask, *cache_args, **kw):
         counter._access("load", ptrs, mask)
-        return orig["load"](self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig["load"](self, ptrs, mask, *cache_args, **kw)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *cache_args, **kw):
         counter._access("store", ptrs, mask)
-        return orig["store"](self, ptrs, value, mask, cache_policy)
+        return orig["store"](self, ptrs, value, mask, *cache_args, **kw)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         counter._dot(a, b)
@@ -347,6 +348,9 @@ def count_triton() -> Iterator[TritonCounter]:
                (B, "create_atomic_rmw", create_atomic_rmw), (B, "create_atomic_cas", create_atomic_cas),
                (B, "set_grid_dim", set_grid_dim), (interp.GridExecutor, "__call__", call),
                (JITFunction, "run", compiled_run)]
+    # an interpreter without an entry point (triton 3.6 has no create_dot_scaled) cannot run
+    # what it would count: nothing to patch there
+    patches = [(obj, name, fn) for obj, name, fn in patches if name in obj.__dict__]
     saved = [(obj, name, obj.__dict__[name]) for obj, name, _ in patches]
     _active = counter
     try:
