@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 import torch
+import triton
 
 from ..hardware import H100
 
@@ -31,8 +32,13 @@ SEGMENT_BLOCK_M = 64         # row tile of the segmented kernels (128-row tiles 
 SEGMENT_RANK_WIDTHS = 20     # a segment spans >= 20 rank blocks: recomputing t costs <= 5%
 WAVES = 2                    # programs per SM the segmented kernels need to keep a GPU busy
 SEGMENTED_ENV = "SPECLORA_SEGMENTED"  # "1": large M may take the segmented kernels
-NF4_REGISTER_ROWS = 64       # up to here NF4 is decoded in registers (one row tile covers
-                             # M, so each element once); above, once per call into a copy
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
+# Up to here NF4 is decoded in registers (one row tile covers M, so each element once);
+# above, once per call into a copy. Triton before 3.9 cannot build the 64-row tiles of the
+# 16-bit NF4 forward and dx on sm_90 ("Illegal shared layout; expected collapsed
+# shapePerCTA to be at least [8, 64]" in TritonGPUOptimizeDotOperands: compile_report on
+# 3.6); 32-row tiles build on every supported version.
+NF4_REGISTER_ROWS = 64 if TRITON_VERSION >= (3, 9) else 32
 NF4_REGISTER_ROWS_FP32 = 32  # fp32 activations: the 64-row NF4 dx tiles do not compile with
                              # TF32 on sm_90 (Triton's dot-operand pass fails; compile_report)
 SPLITK_MAX_ROWS = 16         # split-K decode: one 16-row tile of x
