@@ -13,11 +13,15 @@ on a dense and on an NF4 base. One spawn checks, per base:
   base bitwise, and loads back into a sharded model (``set_model_state_dict``);
 - sharding blocks first (as ``accelerate`` does) fails on the shared ``M`` at the first
   forward (PyTorch 2.13), while ``accelerate``'s ``fsdp2_prepare_model`` shards SpecLoRA on
-  an NF4 base like ``fully_shard_model``.
+  an NF4 base like ``fully_shard_model``;
+- PyTorch's own ``fully_shard``, applied per block and at the root with no call of ours
+  (SpecLoRA on every projection), holds half the NF4 codes per rank and gives one process's
+  losses and adapter;
+- DDP broadcasts the NF4 bases (parameters) at start-up: a rank's differing codes are
+  rank 0's afterwards, and training gives FSDP2's losses.
 
-Single-process tests cover ``NF4Tensor`` and ``AdapterLinear.hold_nf4_as_parameter``.
+Single-process tests of ``NF4Tensor`` and the NF4 holding: tests/test_nf4_tensor.py.
 """
-import copy
 import datetime
 import gc
 import hashlib
@@ -33,29 +37,33 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _tiny_models import VOCAB, perturb, tiny_llama
 
-from speclora_kernels import AdapterLinear, load_adapter, save_adapter
+from speclora_kernels import load_adapter, save_adapter
 from speclora_kernels.integrations import adapter_layers, inject
-from speclora_kernels.integrations.fsdp import fully_shard_model, nf4_bytes, prepare_fsdp
+from speclora_kernels.integrations.fsdp import fully_shard_model, nf4_bytes, prepare_zero3
 from speclora_kernels.persistence import load_checkpoint, save_checkpoint
-from speclora_kernels.quant import NF4Tensor, NF4Weight
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path", "single_thread")
 WORLD, STEPS, RESUME_AT = 2, 4, 2
 TIMEOUT_S = 240
 BASES = ("dense", "nf4")
+ATTENTION, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
+# what each run adapts: PiCa + SpecLoRA per base, and SpecLoRA everywhere on NF4 for the plain
+# fully_shard run (PiCa's shared M needs the root sharded first, see fully_shard_model)
+BUILDS = {"dense": dict(base="dense"), "nf4": dict(base="nf4"),
+          "plain": dict(base="nf4", methods=("speclora",), speclora_on=ATTENTION + MLP)}
 
 
-def adapted(base: str, seed: int = 2, methods=("pica", "speclora")):
-    """The tiny Llama (same base weights every call), NF4 or not, adapted; ``seed`` moves
-    the adapter away from its init (B = 0, M = 0)."""
+def adapted(base: str, seed: int = 2, methods=("pica", "speclora"), speclora_on=MLP):
+    """The tiny Llama (same base weights every call), NF4 (bitsandbytes Linear4bit) or not,
+    adapted; ``seed`` moves the adapter away from its init (B = 0, M = 0)."""
     model = tiny_llama()
     if base == "nf4":
         from speclora_kernels.integrations.bnb import quantize_nf4
 
         quantize_nf4(model)
     if "pica" in methods:
-        inject(model, "pica", ["q_proj", "k_proj", "v_proj", "o_proj"], r=4)
-    inject(model, "speclora", ["gate_proj", "up_proj", "down_proj"], r=4, k=4, dropout=0.1)
+        inject(model, "pica", ATTENTION, r=4)
+    inject(model, "speclora", speclora_on, r=4, k=4, dropout=0.1)
     perturb(model, seed=seed)
     return model.train()
 
@@ -223,12 +231,56 @@ def _other_wrappings(rank: int) -> dict:
         if how == "ours":
             fully_shard_model(model)
         else:
-            model = fsdp2_prepare_model(_accelerator(rank), prepare_fsdp(model))
+            model = fsdp2_prepare_model(_accelerator(rank), model)  # nothing of ours first
         res[f"{how}_bytes"] = nf4_bytes(model)
         torch.manual_seed(5)
         opt = optimizer(model)
         losses[how] = [train_step(model, opt, step, rank) for step in range(2)]
     res["accelerate_losses"] = losses
+    res["ddp"] = _ddp(rank)
+    return res
+
+
+def _plain_fully_shard(rank: int, out: str) -> dict:
+    """PyTorch's fully_shard as its docs apply it (each block, then the root) and nothing
+    of ours before it: the NF4 bases are parameters from construction."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = adapted(**BUILDS["plain"])
+    whole = [weakref.ref(layer.nf4_weight().packed) for layer in adapter_layers(model).values()]
+    res = {"bytes_whole": nf4_bytes(model)}
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    gc.collect()
+    res["whole_freed"] = all(ref() is None for ref in whole)
+    res["bytes_rest"] = nf4_bytes(model)
+    save_adapter(model, os.path.join(out, "plain-init"))
+    opt = optimizer(model)
+    res["losses"] = [train_step(model, opt, step, rank) for step in range(STEPS)]
+    res["bytes_after"] = nf4_bytes(model)
+    save_adapter(model, os.path.join(out, "plain-trained"))
+    return res
+
+
+def _ddp(rank: int) -> dict:
+    """DDP over NF4 bases held as parameters (SpecLoRA on the MLP; attention stays
+    bitsandbytes Linear4bit, whose plain uint8 weights share DDP's broadcast buckets)."""
+    from speclora_kernels.integrations.fsdp import ranks_agree
+
+    model = adapted("nf4", methods=("speclora",))
+    held = adapter_layers(model)["model.layers.1.mlp.down_proj"].weight
+    tensors = [*held.inner_tensors().values(), model.model.layers[0].self_attn.q_proj.weight]
+    if rank == 1:  # differs from rank 0 until DDP's start-up broadcast
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(1)
+    res = {"differed": not ranks_agree(tensors, [])}
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    res["synced"] = ranks_agree(tensors, [])
+    torch.manual_seed(5)
+    opt = optimizer(model)
+    res["losses"] = [train_step(ddp, opt, step, rank) for step in range(2)]
     return res
 
 
@@ -238,6 +290,7 @@ def _worker(rank: int, port: int, out: str):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         results = {base: _run(rank, base, out) for base in BASES}
+        results["plain"] = _plain_fully_shard(rank, out)
         results["other"] = _other_wrappings(rank)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -250,11 +303,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reference(base: str, out: str) -> dict:
+def _reference(name: str, out: str) -> dict:
     """One process, the same global batch: each step the two halves run from the same RNG
     state, as on the two ranks (the dropout seeds come from it), their mean loss backward."""
-    model = adapted(base)
-    save_adapter(model, os.path.join(out, f"{base}-init-single"))
+    model = adapted(**BUILDS[name])
+    save_adapter(model, os.path.join(out, f"{name}-init-single"))
     opt, losses = optimizer(model), []
     for step in range(STEPS):
         state = torch.get_rng_state()
@@ -295,7 +348,7 @@ def fsdp_run(tmp_path_factory):
     try:
         with autograd.cpu_path():  # the reference runs while the workers do
             torch.manual_seed(0)
-            reference = {base: _reference(base, str(out)) for base in BASES}
+            reference = {name: _reference(name, str(out)) for name in BUILDS}
         deadline = time.monotonic() + TIMEOUT_S
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -309,11 +362,11 @@ def fsdp_run(tmp_path_factory):
     return types.SimpleNamespace(out=out, ranks=ranks, reference=reference)
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_losses_equal_one_process(fsdp_run, base):
-    got = [r[base]["losses"] for r in fsdp_run.ranks]
+@pytest.mark.parametrize("name", BUILDS)
+def test_losses_equal_one_process(fsdp_run, name):
+    got = [r[name]["losses"] for r in fsdp_run.ranks]
     assert got[0] == got[1]
-    want = fsdp_run.reference[base]["losses"]
+    want = fsdp_run.reference[name]["losses"]
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(want), rtol=2e-6, atol=0)
     assert got[0][-1] < got[0][0]
 
@@ -341,16 +394,27 @@ def test_shared_M_is_one_parameter(fsdp_run):
                                            ["model.layers.0.self_attn.q_proj.adapter.M"])
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_saved_adapter_equals_one_process(fsdp_run, base):
+def test_plain_fully_shard_holds_half_the_nf4_codes(fsdp_run):
+    for r in fsdp_run.ranks:
+        res = r["plain"]
+        whole, rest = res["bytes_whole"], res["bytes_rest"]
+        assert res["whole_freed"]
+        assert rest["codes_and_scales"] * WORLD == whole["codes_and_scales"]
+        assert rest["double_quant"] == whole["double_quant"] and rest["gathered"] == 0
+        assert res["bytes_after"] == rest
+        print(f"\nplain fully_shard, NF4 bytes per rank: whole {whole}, at rest {rest}")
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_saved_adapter_equals_one_process(fsdp_run, name):
     out = fsdp_run.out
-    assert _files(out / f"{base}-init") == _files(out / f"{base}-init-single")
+    assert _files(out / f"{name}-init") == _files(out / f"{name}-init-single")
     # the trained adapter: one process loading and saving it again writes the same bytes
-    model = adapted(base, seed=3)
-    load_adapter(model, out / f"{base}-trained")
-    save_adapter(model, out / f"{base}-resaved")
-    assert _files(out / f"{base}-trained") == _files(out / f"{base}-resaved")
-    want = dict(fsdp_run.reference[base]["model"].named_parameters())
+    model = adapted(**BUILDS[name], seed=3)
+    load_adapter(model, out / f"{name}-trained")
+    save_adapter(model, out / f"{name}-resaved")
+    assert _files(out / f"{name}-trained") == _files(out / f"{name}-resaved")
+    want = dict(fsdp_run.reference[name]["model"].named_parameters())
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, want[name], rtol=1e-4, atol=1e-6)
@@ -388,73 +452,10 @@ def test_other_wrappings(fsdp_run):
         whole = other["bytes_whole"]["codes_and_scales"]
         assert other["ours_bytes"] == other["accelerate_bytes"]
         assert other["accelerate_bytes"]["codes_and_scales"] * WORLD == whole
-
-
-# ---------------------------------------------------------------- one process
-@pytest.fixture
-def nf4_layer():
-    torch.manual_seed(0)
-    return AdapterLinear.from_linear(torch.nn.Linear(128, 32), "speclora", r=4, k=4,
-                                     quantize="nf4")
-
-
-def test_nf4_tensor_rows(nf4_layer):
-    w = nf4_layer.nf4_weight()
-    t = NF4Tensor.from_weight(w)
-    assert t.shape == w.shape and t.dtype == torch.uint8 and t.nf4_weight().packed is w.packed
-    halves = torch.chunk(t, 2)
-    assert [h.shape for h in halves] == [(16, 128)] * 2
-    assert torch.equal(torch.cat([h.packed for h in halves]), w.packed)
-    assert torch.equal(torch.cat([h.absmax for h in halves]), w.absmax)
-    assert halves[1].absmax2 is w.absmax2
-    padded = t.new_zeros((16, 128))
-    padded.narrow(0, 0, 16).copy_(halves[1])
-    assert torch.equal(padded.packed, halves[1].packed) and padded.view(-1).shape == (2048,)
-    assert torch.equal(torch.as_strided(t, (32, 128), (128, 1)).packed, w.packed)
-    assert torch.equal(t.to("cpu").nf4_weight().dequantize(), w.dequantize())
-    assert torch.equal(copy.deepcopy(t).packed, w.packed)
-    for bad in (lambda: t + 1, lambda: t.float(), lambda: t.to(torch.float16),
-                lambda: torch.chunk(t, 2, dim=1)):
-        with pytest.raises(NotImplementedError):
-            bad()
-
-
-def test_hold_nf4_as_parameter(nf4_layer):
-    import bitsandbytes as bnb  # noqa: F401
-
-    from speclora_kernels.ops import autograd
-
-    buffers = copy.deepcopy(nf4_layer)
-    layer = nf4_layer
-    layer.hold_nf4_as_parameter()
-    assert isinstance(layer.weight, NF4Tensor) and not layer.weight.requires_grad
-    assert "double_quant" in repr(layer)
-    want, got = buffers.state_dict(), layer.state_dict()
-    assert list(got) == list(want)
-    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
-    x = torch.randn(5, 128)
-    with autograd.cpu_path():
-        assert torch.equal(layer(x), buffers(x))
-        copied = copy.deepcopy(layer).to(torch.float64).half().float()  # adapter: rounded
-        assert torch.equal(copied.weight.packed, layer.weight.packed)
-        fresh = copy.deepcopy(layer)
-        fresh.weight.packed.zero_()
-        fresh.load_state_dict(buffers.state_dict())  # buffer keys into the parameter form
-        assert torch.equal(fresh(x), buffers(x))
-        buffers.load_state_dict(layer.state_dict())  # and back
-        back = layer.nf4_weight().to_bnb()  # bitsandbytes interop unchanged
-        assert torch.equal(NF4Weight.from_bnb(back, back.quant_state).dequantize(),
-                           buffers.nf4_weight().dequantize())
-
-
-def test_prepare_fsdp_refuses_rows_that_do_not_split():
-    model = inject(tiny_llama(), "speclora", ["k_proj"], r=4, k=4, quantize="nf4")
-    with pytest.raises(ValueError, match=r"k_proj: an NF4 base of 32 x 64 .* over 3 ranks"):
-        prepare_fsdp(model, world_size=3)
-    assert not isinstance(adapter_layers(model)["model.layers.0.self_attn.k_proj"].weight,
-                          NF4Tensor)
-    prepare_fsdp(model, world_size=2)
-    assert all(isinstance(m.weight, NF4Tensor) for m in adapter_layers(model).values())
+        ddp = other["ddp"]
+        assert ddp["differed"] and ddp["synced"]
+        torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(ours),
+                                   rtol=2e-6, atol=0)
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO-3 (optional)
@@ -467,7 +468,7 @@ def _zero3_worker(rank: int, port: int, out: str):
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for base in BASES:
-        model = adapted(base)
+        model = prepare_zero3(adapted(base))
         whole = nf4_bytes(model)
         config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3},
                   "zero_allow_untested_optimizer": True}
@@ -491,8 +492,8 @@ def _zero3_worker(rank: int, port: int, out: str):
 @pytest.mark.slow
 def test_deepspeed_zero3(tmp_path, monkeypatch):
     """ZeRO-3 runs the adapters unchanged (it gathers the adapter's parameters when
-    AdapterLinear reads them); it partitions parameters only, so NF4 bases (buffers) stay
-    whole on every rank. deepspeed is not a dependency: skipped unless installed."""
+    AdapterLinear reads them); it partitions parameters only, so NF4 bases (buffers after
+    ``prepare_zero3``) stay whole on every rank. deepspeed is not a dependency: skipped unless installed."""
     pytest.importorskip("deepspeed")
     for k, v in {"TRITON_INTERPRET": "0", "GLOO_SOCKET_IFNAME": "lo",
                  "DS_ACCELERATOR": "cpu"}.items():
@@ -508,21 +509,3 @@ def test_deepspeed_zero3(tmp_path, monkeypatch):
                                        rtol=2e-6, atol=0)
             assert r[base]["after"] == r[base]["whole"]  # NF4 not partitioned
             assert all(local * WORLD >= n and local < n for local, n in r[base]["parts"])
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compile_with_nf4_parameter(nf4_layer):
-    """torch.compile(fullgraph=True) traces a layer holding an NF4Tensor parameter (it reads
-    the inner tensors; the op's custom ops take them) and matches eager."""
-    layer = nf4_layer
-    layer.hold_nf4_as_parameter()
-    x = torch.randn(3, 128, requires_grad=True)
-    results = []
-    for fn in (layer, torch.compile(layer, fullgraph=True)):
-        y = fn(x)
-        results.append((y, torch.autograd.grad(y.square().sum(), [x, layer.adapter.A])))
-    (y0, g0), (y1, g1) = results
-    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

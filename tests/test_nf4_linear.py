@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from speclora_kernels import METHODS, AdapterLinear, load_layer_adapter, save_layer_adapter
-from speclora_kernels.quant import NF4Weight
+from speclora_kernels.quant import NF4Tensor, NF4Weight
 
 ALL = sorted(METHODS)
 SPECTRAL = ("spectral_additive", "spectral_rotational")
@@ -100,9 +100,11 @@ def test_linear4bit_storage_is_shared_never_dense():
     dense (out x in) float tensor anywhere."""
     q = linear4bit(dense_linear())
     layer = AdapterLinear.from_linear(q, "speclora", r=R, k=4)
-    assert layer.weight.data_ptr() == q.weight.data_ptr() and layer.weight.dtype == torch.uint8
-    assert layer.weight_absmax is q.weight.quant_state.absmax
-    assert layer.weight_absmax2 is q.weight.quant_state.state2.absmax
+    held = layer.nf4_weight()
+    assert isinstance(layer.weight, NF4Tensor) and layer.weight.shape == (OUT_F, IN_F)
+    assert held.packed.data_ptr() == q.weight.data_ptr() and held.packed.dtype == torch.uint8
+    assert held.absmax is q.weight.quant_state.absmax
+    assert held.absmax2 is q.weight.quant_state.state2.absmax
     state = layer.state_dict()
     assert {"weight", "weight_absmax", "weight_absmax2", "weight_code2", "weight_offset",
             "bias"} <= set(state)
@@ -202,8 +204,8 @@ def test_quantize_nf4_is_linear4bit(method):
     lin = dense_linear()
     q = linear4bit(lin, compute_dtype=torch.float32)
     layer = AdapterLinear.from_linear(lin, method, r=R, quantize="nf4", **options(method))
-    assert torch.equal(layer.weight, q.weight.data.view(torch.uint8).reshape(-1))
-    assert torch.equal(layer.weight_absmax, q.weight.quant_state.absmax)
+    assert torch.equal(layer.nf4_weight().packed, q.weight.data.view(torch.uint8).reshape(-1))
+    assert torch.equal(layer.nf4_weight().absmax, q.weight.quant_state.absmax)
     assert layer.compute_dtype == torch.float32
     x = torch.randn(3, IN_F)
     torch.testing.assert_close(layer(x), q(x), **TOL[torch.float32])
@@ -292,7 +294,8 @@ def test_state_dict_round_trip(method):
     assert not torch.equal(dst(x), src(x))
     dst.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(dst(x), src(x))
-    assert torch.equal(dst.weight, src.weight) and torch.equal(dst.weight_absmax, src.weight_absmax)
+    assert torch.equal(dst.weight, src.weight)  # every NF4 tensor (NF4Tensor's equal)
+    assert torch.equal(dst.nf4_weight().absmax, src.nf4_weight().absmax)
 
 
 def test_to_dtype_keeps_quantized_state():
@@ -302,8 +305,9 @@ def test_to_dtype_keeps_quantized_state():
     want = layer(x)
     packed = layer.weight
     layer.to(torch.float16)
-    assert layer.weight_absmax2.dtype == layer.weight_code2.dtype == torch.float32
-    assert layer.weight is packed and layer.nf4_weight().absmax2 is layer.weight_absmax2
+    held = layer.nf4_weight()
+    assert held.absmax2.dtype == held.code2.dtype == torch.float32
+    assert layer.weight is packed and held.absmax2 is layer.weight.absmax2
     layer.float()
     torch.testing.assert_close(layer(x), want, rtol=2e-3, atol=2e-3)  # bias/adapter went via fp16
 

@@ -1,11 +1,14 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for adapted models.
 
-PyTorch's own engine does the sharding; this module prepares a model for it and moves
-whole tensors in and out of it:
+PyTorch's own engine does the sharding. An NF4 base is one frozen parameter from
+construction, an :class:`~speclora_kernels.quant.NF4Tensor` (FSDP2 shards parameters and
+replicates buffers), so PyTorch's ``fully_shard`` (or accelerate's) shards it with nothing
+of ours called first. This module adds:
 
-- :func:`prepare_fsdp`: every NF4 base becomes one frozen parameter holding an
-  :class:`~speclora_kernels.quant.NF4Tensor` (FSDP2 shards parameters and replicates
-  buffers), checked to split into whole rows and blocks over the mesh.
+- :func:`prepare_fsdp`: checks that every NF4 base splits into whole rows and blocks over
+  the mesh (a clear error before sharding), holding any held as buffers as a parameter.
+- :func:`prepare_zero3`: every NF4 base held as buffers, for DeepSpeed ZeRO-3 (which
+  partitions every parameter as a plain tensor; it leaves buffers whole on every rank).
 - :func:`fully_shard_model`: :func:`prepare_fsdp`, then ``fully_shard`` per transformer block
   and at the root. A PiCa ``M`` shared by layers of several blocks must live in one FSDP
   group that is unsharded while any of them runs: the root's. FSDP2 finds a parameter only
@@ -38,7 +41,7 @@ from .inject import adapter_layers, unwrap
 
 __all__ = ["prepare_fsdp", "fully_shard_model", "shared_parameters", "transformer_blocks",
            "is_sharded", "gather_adapter_tensors", "to_cpu_whole", "place_like",
-           "writer_rank_only", "ranks_agree", "nf4_bytes"]
+           "writer_rank_only", "ranks_agree", "nf4_bytes", "prepare_zero3"]
 
 
 def _is_dtensor(t) -> bool:
@@ -49,14 +52,15 @@ def _is_dtensor(t) -> bool:
 
 # ---------------------------------------------------------------- preparing and sharding
 def prepare_fsdp(model: nn.Module, world_size: int | None = None) -> nn.Module:
-    """Hold every NF4 base of ``model`` as a parameter (:meth:`AdapterLinear.
-    hold_nf4_as_parameter`), so that ``fully_shard`` shards it; returns ``model``.
+    """Check that every NF4 base of ``model`` can be sharded by ``fully_shard``, and hold
+    it as a parameter (:meth:`AdapterLinear.hold_nf4_as_parameter`: as from construction,
+    so a no-op unless :func:`prepare_zero3` held it as buffers); returns ``model``.
 
     FSDP2 shards dim 0 (output rows): each layer needs ``out_features`` divisible by
     ``world_size`` (default: the default process group's) and ``in_features`` a multiple
     of the blocksize, so every shard holds whole rows of whole blocks; otherwise
-    ``ValueError`` names the layer, before anything changes. Call it before
-    ``fully_shard`` if you shard by hand (:func:`fully_shard_model` calls it)."""
+    ``ValueError`` names the layer, before anything changes (a plain ``fully_shard`` fails
+    on such a layer too, naming its shape only). :func:`fully_shard_model` calls it."""
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
     layers = {n: m for n, m in adapter_layers(model).items() if m.quant_type is not None}
@@ -71,6 +75,17 @@ def prepare_fsdp(model: nn.Module, world_size: int | None = None) -> nn.Module:
                 f"blocksize (keep the layer unquantized, or exclude it from inject)")
     for layer in layers.values():
         layer.hold_nf4_as_parameter()
+    return model
+
+
+def prepare_zero3(model: nn.Module) -> nn.Module:
+    """Hold every NF4 base of ``model`` as buffers (:meth:`AdapterLinear.
+    hold_nf4_as_buffers`), for DeepSpeed ZeRO-3: it partitions every parameter as a plain
+    tensor, which an ``NF4Tensor`` is not, and leaves buffers whole on every rank. Call it
+    before ``deepspeed.initialize``; returns ``model``."""
+    for layer in adapter_layers(model).values():
+        if layer.quant_type is not None:
+            layer.hold_nf4_as_buffers()
     return model
 
 
@@ -198,7 +213,7 @@ def ranks_agree(tensors: list[torch.Tensor], objects: list) -> bool:
         return True
     h = hashlib.sha256(repr(objects).encode())
     for t in tensors:
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").reshape(-1).view(torch.uint8).numpy().tobytes())
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, h.hexdigest())
     return len(set(digests)) == 1

@@ -80,13 +80,15 @@ class AdapterLinear(nn.Module):
     for ``nn.Linear``); under ``torch.autocast`` input and base are cast to the autocast
     dtype. The output has the input's dtype and shape ``(..., out_features)``.
 
-    NF4 base (``quant_type == "nf4"``): bitsandbytes' packed codes and block scales are
-    buffers (``weight``: uint8 codes, ``weight_absmax``, and with double quant
-    ``weight_absmax2``, ``weight_code2``, ``weight_offset``); the op decodes them tile by
+    NF4 base (``quant_type == "nf4"``): bitsandbytes' packed codes and block scales, held
+    as one frozen parameter ``weight``, an :class:`~speclora_kernels.quant.NF4Tensor` (so
+    that FSDP2's ``fully_shard`` shards it as any parameter); the state dict has them as
+    bitsandbytes' tensors (``weight``: uint8 codes, ``weight_absmax``, and with double quant
+    ``weight_absmax2``, ``weight_code2``, ``weight_offset``). The op decodes them tile by
     tile, the dense weight is never formed. As bitsandbytes' ``Linear4bit``, the input is
     cast to ``compute_dtype`` (its own dtype if None) and the output back to the input's
-    dtype. ``module.to(dtype)`` moves but never converts the quantized state. For FSDP2,
-    :meth:`hold_nf4_as_parameter` holds them as one parameter instead (same state dict).
+    dtype. ``module.to(dtype)`` moves but never converts the quantized state.
+    :meth:`hold_nf4_as_buffers` holds them as buffers instead (DeepSpeed ZeRO-3).
 
     Spectral methods (``replaces_base``) want ``W_res = W0 - P diag(sigma) Q.T`` as base. With
     ``residual_base=False`` the given base is ``W0`` itself (an NF4 ``Linear4bit`` cannot be
@@ -123,14 +125,15 @@ class AdapterLinear(nn.Module):
         self.residual_base = residual_base
         self._nf4_cache = None
         if quantized:
-            for field, name in _NF4_BUFFERS.items():
-                t = getattr(weight, field)
-                if t is not None:
-                    self.register_buffer(name, t)
             self._nf4_meta = dict(shape=weight.shape, dtype=weight.dtype,
                                   blocksize=weight.blocksize,
                                   nested_blocksize=weight.nested_blocksize,
                                   quant_storage=weight.quant_storage)
+            self._hold_nf4(NF4Tensor.from_weight(weight))
+            # the state dict has the buffers' keys whichever way the base is held
+            self.register_state_dict_post_hook(partial(nf4_state_dict_hook, names=_NF4_BUFFERS))
+            self.register_load_state_dict_pre_hook(partial(load_nf4_state_dict_hook,
+                                                           names=_NF4_BUFFERS))
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_parameter(
@@ -231,12 +234,12 @@ class AdapterLinear(nn.Module):
 
     # -- base weight: every read and write of the frozen base goes through these.
     def nf4_weight(self) -> NF4Weight:
-        """The NF4 base as an :class:`NF4Weight` over this layer's buffers (no copy)."""
+        """The NF4 base as an :class:`NF4Weight` over this layer's tensors (no copy)."""
         if self.quant_type is None:
             raise RuntimeError("this AdapterLinear has a dense base (weight); it has no NF4 "
                                "weight")
         held = self._parameters.get("weight")
-        if held is not None:  # one parameter (hold_nf4_as_parameter)
+        if held is not None:
             if not isinstance(held, NF4Tensor):
                 raise RuntimeError("this layer's NF4 base is sharded (FSDP2): it is whole only "
                                    "inside its FSDP unit's forward and backward (or unshard())")
@@ -253,26 +256,40 @@ class AdapterLinear(nn.Module):
                 {field: getattr(self, name, None) for field, name in _NF4_BUFFERS.items()}, w)
         return cached[1]
 
-    def hold_nf4_as_parameter(self) -> None:
-        """Hold the NF4 base as one frozen parameter ``weight``, an
-        :class:`~speclora_kernels.quant.NF4Tensor` over the same tensors (no copy), instead
-        of buffers: what FSDP2's ``fully_shard`` shards (buffers it replicates). The state
-        dict keeps its keys and tensors (``weight``, ``weight_absmax``, ...); forward, and
-        bitsandbytes interop through :meth:`nf4_weight`, are unchanged. No-op if already."""
-        if self.quant_type is None:
-            raise RuntimeError("this AdapterLinear has a dense base, already a parameter")
-        if "weight" in self._parameters:
-            return
-        base = NF4Tensor.from_weight(self.nf4_weight())
+    def _hold_nf4(self, base: NF4Tensor) -> None:
         for name in _NF4_BUFFERS.values():
             self._buffers.pop(name, None)
             if name != "weight":  # the state dict's keys, found by torch.distributed.checkpoint
                 object.__setattr__(self, name, None)  # in layer.weight now
         self._nf4_cache = None
         self.weight = nn.Parameter(base, requires_grad=False)
-        self.register_state_dict_post_hook(partial(nf4_state_dict_hook, names=_NF4_BUFFERS))
-        self.register_load_state_dict_pre_hook(partial(load_nf4_state_dict_hook,
-                                                       names=_NF4_BUFFERS))
+
+    def hold_nf4_as_parameter(self) -> None:
+        """Hold the NF4 base as one frozen parameter ``weight``, an
+        :class:`~speclora_kernels.quant.NF4Tensor` over the same tensors (no copy), as it is
+        held from construction: undoes :meth:`hold_nf4_as_buffers`; no-op if already."""
+        if self.quant_type is None:
+            raise RuntimeError("this AdapterLinear has a dense base, already a parameter")
+        if "weight" not in self._parameters:
+            self._hold_nf4(NF4Tensor.from_weight(self.nf4_weight()))
+
+    def hold_nf4_as_buffers(self) -> None:
+        """Hold the NF4 base as buffers (``weight``, ``weight_absmax``, ...: the state
+        dict's tensors, no copy) instead of one parameter, for engines that partition every
+        parameter as a plain tensor (DeepSpeed ZeRO-3, which then leaves the base whole on
+        every rank). FSDP2 replicates buffers: keep the parameter there. Same state dict,
+        same forward; no-op if already."""
+        if self.quant_type is None:
+            raise RuntimeError("this AdapterLinear has a dense base; it has no NF4 buffers")
+        if "weight" not in self._parameters:
+            return
+        tensors = self.nf4_weight()  # refuses a sharded base
+        del self._parameters["weight"]
+        for field, name in _NF4_BUFFERS.items():
+            self.__dict__.pop(name, None)
+            t = getattr(tensors, field)
+            if t is not None:
+                self.register_buffer(name, t)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -298,8 +315,8 @@ class AdapterLinear(nn.Module):
         self.weight.copy_((self.weight.to(acc) + delta).to(self.weight.dtype))
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) / .half() would convert the NF4 scales (float32 by format): let
-        # them follow the device only.
+        # Held as buffers, Module.to(dtype) / .half() would convert the NF4 scales (float32 by
+        # format): let them follow the device only (an NF4Tensor never converts).
         keep = {name: self._buffers[name] for name in _NF4_BUFFERS.values()
                 if self._buffers.get(name) is not None and self._buffers[name].is_floating_point()}
         super()._apply(fn, recurse)
@@ -545,7 +562,7 @@ class AdapterLinear(nn.Module):
         base = ""
         if self.quant_type is not None:
             meta = self._nf4_meta
-            held = local_nf4(self._parameters.get("weight"))  # hold_nf4_as_parameter
+            held = local_nf4(self._parameters.get("weight"))  # None: held as buffers
             dq = held.double_quant if held is not None else "weight_absmax2" in self._buffers
             dq = ", double_quant" if dq else ""
             base = f", base=nf4 (blocksize={meta['blocksize']}{dq})"

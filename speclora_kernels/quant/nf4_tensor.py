@@ -15,13 +15,18 @@ unchanged:
 It supports exactly what ``nn.Module`` (``to``, ``state_dict``/``load_state_dict`` copies,
 ``deepcopy``) and FSDP2's ``fully_shard`` do to a frozen parameter: ``torch.chunk``/``split``,
 ``narrow`` and ``new_zeros`` on dim 0 (sharding, padding), ``copy_``, ``view``/``as_strided``
-to its own size or flat, ``detach``, ``clone``, moves between devices. Anything else
-(arithmetic, a dtype conversion) raises ``NotImplementedError``: the op reads the weight
-through :meth:`NF4Tensor.nf4_weight`, as an ``NF4Weight``.
+to its own size or flat, ``detach``, ``clone``, moves between devices, and ``torch.equal``.
+Anything else (arithmetic, a dtype conversion) raises ``NotImplementedError``: the op reads
+the weight through :meth:`NF4Tensor.nf4_weight`, as an ``NF4Weight``.
 
 FSDP2's all-gather extension (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``): each
 rank's shard sends its ``packed`` and ``absmax`` rows; the gathered tensors are the whole
 weight's, and the replicated double-quant tensors come along as metadata.
+
+DDP's start-up broadcast (``_broadcast_coalesced``: flat views of every parameter, ``cat``
+into buckets, ``c10d.broadcast_``, slices copied back) works on it too: ``cat`` of flat
+tensors gives a :class:`_FlatGroup` that stands for its members without copying them, and
+``broadcast_`` of a flat NF4Tensor or a group sends each inner tensor in place.
 """
 from __future__ import annotations
 
@@ -141,6 +146,12 @@ class NF4Tensor(torch.Tensor):
     # ---- FSDP2 all-gather extension -----------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """This shard's codes and block scales; the double-quant tensors ride as metadata."""
+        ranks = mesh.size(mesh.ndim - 1)  # the shard dim (HSDP: the last)
+        if outer_size[0] % ranks:
+            raise ValueError(
+                f"an NF4 base of {outer_size[0]} x {outer_size[1]} cannot be sharded by rows "
+                f"over {ranks} ranks: FSDP2 needs out_features divisible by the world size "
+                f"(give it to fully_shard's ignored_params to keep it whole on every rank)")
         shared = {name: getattr(self, name) for name in _SHARED}
         return (self.packed, self.absmax), (tuple(outer_size), self.meta, shared)
 
@@ -263,14 +274,15 @@ def load_nf4_state_dict_hook(module, state_dict, prefix, local_metadata, strict,
 # -------------------------------------------------------------------- aten handlers
 def _row_slice(t: NF4Tensor, start: int, stop: int) -> NF4Tensor:
     rows, (cols, bs) = t.shape[0], (t.meta.cols, t.meta.blocksize)
-    if t.dim() != 2:
-        raise NotImplementedError("only a 2-D NF4Tensor can be sliced (by rows)")
     if start == 0 and stop >= rows:
         return t._like()
+    if t.dim() != 2:
+        raise NotImplementedError("only a 2-D NF4Tensor can be sliced (by rows)")
     if cols % bs:
         raise NotImplementedError(
             f"rows of this NF4 weight do not start on a block boundary (in_features={cols} "
-            f"is not a multiple of blocksize={bs}), so it cannot be split by rows")
+            f"is not a multiple of blocksize={bs}), so it cannot be split by rows (to keep "
+            f"it whole under FSDP2, give it to fully_shard's ignored_params)")
     n0, n1 = start * cols, stop * cols
     return t._like((stop - start, cols), packed=t.packed[n0 // 2:n1 // 2],
                    absmax=t.absmax[n0 // bs:n1 // bs])
@@ -371,6 +383,77 @@ def _alias(t):
     return t._like()
 
 
+def _equal(a, b) -> bool:
+    """The same weight: same shape and format, every inner tensor equal."""
+    if not (isinstance(a, NF4Tensor) and isinstance(b, NF4Tensor)) or a.shape != b.shape \
+            or a.meta != b.meta or a.double_quant != b.double_quant:
+        return False
+    return all(torch.equal(t, getattr(b, name)) for name, t in a.inner_tensors().items())
+
+
+# -------------------------------------------------------------------- DDP's broadcast
+class _FlatGroup(torch.Tensor):
+    """``torch.cat`` of flat tensors (NF4Tensors among them), as DDP's coalesced broadcast
+    builds a bucket: a flat uint8 tensor that stands for its members, never copying them.
+    ``c10d.broadcast_`` sends each member's tensors in place, and the slice at a member's
+    offset is that member, so DDP's copy back is a copy onto itself. Nothing else."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, members):
+        n = sum(m.numel() for m in members)
+        return torch.Tensor._make_wrapper_subclass(cls, (n,), dtype=torch.uint8,
+                                                   device=members[0].device)
+
+    def __init__(self, members):
+        self.members = members
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.c10d.broadcast_.default:
+            return _broadcast_(*args, **(kwargs or {}))
+        if func is aten.slice.Tensor:
+            return _group_slice(*args, **(kwargs or {}))
+        if func in (aten.detach.default, aten.alias.default):
+            return _FlatGroup(args[0].members)  # a new tensor over the same members
+        raise NotImplementedError(f"a group of flat NF4Tensors (DDP's broadcast bucket) does "
+                                  f"not support {func}")
+
+
+def _cat(tensors, dim=0):
+    if dim != 0 or any(t.dim() != 1 or t.dtype != torch.uint8 for t in tensors):
+        raise NotImplementedError("NF4Tensor cat: only flat views, as DDP's broadcast "
+                                  "buckets them (read the weight through nf4_weight())")
+    return _FlatGroup(list(tensors))
+
+
+def _group_slice(group, dim=0, start=None, end=None, step=1):
+    offset = 0
+    for m in group.members:
+        if (dim, start or 0, end, step) == (0, offset, offset + m.numel(), 1):
+            return aten.alias.default(m)  # a new tensor (autograd makes it a view)
+        offset += m.numel()
+    raise NotImplementedError("a group of flat NF4Tensors can only be sliced at its members")
+
+
+def _parts(t) -> list[torch.Tensor]:
+    """The plain tensors a broadcast sends for ``t``."""
+    if isinstance(t, _FlatGroup):
+        return [p for m in t.members for p in _parts(m)]
+    if isinstance(t, NF4Tensor):
+        return list(t.inner_tensors().values())
+    return [t]
+
+
+def _broadcast_(tensors, *args, **kwargs):
+    works = [torch.ops.c10d.broadcast_.default([p], *args, **kwargs)[1]
+             for t in tensors for p in _parts(t)]
+    for work in works[:-1]:
+        work.wait()
+    return tensors, works[-1]
+
+
 _HANDLERS: dict[Any, Any] = {
     aten.detach.default: _alias,
     aten.alias.default: _alias,
@@ -384,4 +467,7 @@ _HANDLERS: dict[Any, Any] = {
     aten.as_strided.default: _as_strided,
     aten._to_copy.default: _to_copy,
     aten.clone.default: _clone,
+    aten.equal.default: _equal,
+    aten.cat.default: _cat,
+    torch.ops.c10d.broadcast_.default: _broadcast_,
 }

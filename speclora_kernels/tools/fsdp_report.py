@@ -2,7 +2,8 @@
 
 Spawns ``--world`` CPU processes on gloo, builds a Llama from a config (random weights) with
 every linear layer NF4 (blocksize 64, double quant) and SpecLoRA on it, shards it with
-:func:`~speclora_kernels.integrations.fully_shard_model`, runs one training step and
+:func:`~speclora_kernels.integrations.fully_shard_model` (``--plain``: PyTorch's own
+``fully_shard`` on each block, then the root, nothing of ours first), runs one training step and
 reports, per rank, the bytes of NF4 storage resident, read from the tensors themselves
 (:func:`~speclora_kernels.integrations.fsdp.nf4_bytes`): the whole model before sharding, at
 rest after it, and the most at any NF4 layer's forward and backward. Needs transformers.
@@ -49,7 +50,14 @@ def _worker(rank: int, port: int, args, out: str):
     try:
         model = _model(args)
         report = {"whole": nf4_bytes(model)}
-        fully_shard_model(model)
+        if args.plain:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            fully_shard_model(model)
         report["rest"] = nf4_bytes(model)
         peak = {"forward": 0, "backward": 0}
 
@@ -95,8 +103,10 @@ def table(reports: list[dict], args) -> str:
 
     rows = [f"Llama {args.layers} blocks, hidden {args.hidden}, intermediate "
             f"{args.intermediate}, NF4 (blocksize 64, double quant) on every linear layer, "
-            f"{args.world} ranks; NF4 storage per rank (codes + block scales; double-quant "
-            f"constants; gathered whole weights):",
+            f"{args.world} ranks, sharded by "
+            f"{'fully_shard per block and root' if args.plain else 'fully_shard_model'}; NF4 "
+            f"storage per rank (codes + block scales; double-quant constants; gathered whole "
+            f"weights):",
             "", "| | rank | codes + scales | double-quant | gathered | total | / unsharded |",
             "|---|---|---|---|---|---|---|",
             f"| unsharded (one process) | - | {mib(whole['codes_and_scales'])} | "
@@ -120,6 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--plain", action="store_true",
+                        help="shard with torch's fully_shard per block and root instead")
     args = parser.parse_args(argv)
     print(table(measure(args), args))
 
