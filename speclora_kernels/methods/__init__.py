@@ -7,7 +7,7 @@ declares its options (:class:`Option`); :func:`register_method` adds it, and fro
 """
 from .base import AdapterMethod
 from .lora import LoRA
-from .options import ALPHA, RANK, SVD, Option, OptionContext, check_rank, rank_check
+from .options import ALPHA, OFFSET, RANK, SVD, Option, OptionContext, check_rank, rank_check
 from .pica import PiCa
 from .speclora import SpecLoRA, spectral_scale
 from .spectral import SpectralAdditive, SpectralRotational, cayley
@@ -68,4 +68,4 @@ del _cls
 __all__ = ["METHODS", "AdapterMethod", "LoRA", "SpecLoRA", "SpectralAdditive",
            "SpectralRotational", "PiCa", "cayley", "spectral_scale", "top_singular",
            "get_method", "register_method", "unregister_method", "Option", "OptionContext",
-           "RANK", "ALPHA", "SVD", "check_rank", "rank_check", "RESERVED_OPTION_NAMES"]
+           "RANK", "ALPHA", "OFFSET", "SVD", "check_rank", "rank_check", "RESERVED_OPTION_NAMES"]

@@ -164,25 +164,27 @@ class AdapterMethod(nn.Module):
 
 
 class SpectralBuffers:
-    """Mixin: registers the top singular triplets of ``W0`` as persistent buffers
-    ``P`` (out x n), ``sigma`` (n), ``Q`` (in x n), in the adapter dtype.
+    """Mixin: registers singular triplets ``offset .. offset+n-1`` of ``W0`` (the top ``n``
+    for ``offset = 0``) as persistent buffers ``P`` (out x n), ``sigma`` (n), ``Q`` (in x n),
+    in the adapter dtype: the top ``offset + n`` are computed, the first ``offset`` dropped.
 
     Built under :func:`deferred_svd`, the buffers are NaN placeholders and ``svd_pending``
     is set until :meth:`compute_svd` (or a caller that loads saved factors) clears it."""
 
-    svd_pending: tuple | None = None  # (n, svd, keep, generator) while the SVD is deferred
+    # (n, svd, keep, generator, offset) while the SVD is deferred
+    svd_pending: tuple | None = None
 
     def _register_svd(self, weight: torch.Tensor, n: int, svd: str, generator,
-                      keep=("P", "sigma", "Q")) -> None:
+                      keep=("P", "sigma", "Q"), offset: int = 0) -> None:
         if _DEFER_SVD.get():
             shapes = {"P": (weight.shape[0], n), "sigma": (n,), "Q": (weight.shape[1], n)}
             for name in keep:
                 self.register_buffer(name, torch.full(shapes[name], float("nan"),
                                                       dtype=self._dtype, device=weight.device))
-            self.svd_pending = (n, svd, tuple(keep), generator)
+            self.svd_pending = (n, svd, tuple(keep), generator, offset)
             return
-        p, sigma, q = top_singular(weight, n, svd=svd, dtype=self._dtype, generator=generator)
-        for name, t in zip(("P", "sigma", "Q"), (p, sigma, q)):
+        for name, t in zip(("P", "sigma", "Q"), _slice_svd(weight, n, svd, self._dtype,
+                                                            generator, offset)):
             if name in keep:
                 self.register_buffer(name, t)
 
@@ -192,9 +194,18 @@ class SpectralBuffers:
         (in place, on the buffers' device); nothing to do if they are not pending."""
         if self.svd_pending is None:
             return
-        n, svd, keep, generator = self.svd_pending
-        computed = top_singular(weight, n, svd=svd, dtype=self._dtype, generator=generator)
+        n, svd, keep, generator, offset = self.svd_pending
+        computed = _slice_svd(weight, n, svd, self._dtype, generator, offset)
         for name, t in zip(("P", "sigma", "Q"), computed):
             if name in keep:
                 getattr(self, name).copy_(t)
         self.svd_pending = None
+
+
+def _slice_svd(weight, n: int, svd: str, dtype, generator, offset: int):
+    """Singular triplets ``offset .. offset+n-1`` of ``weight``, contiguous."""
+    p, sigma, q = top_singular(weight, offset + n, svd=svd, dtype=dtype, generator=generator)
+    if offset == 0:
+        return p, sigma, q
+    return (p[:, offset:].contiguous(), sigma[offset:].contiguous(),
+            q[:, offset:].contiguous())

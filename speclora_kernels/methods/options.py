@@ -56,6 +56,9 @@ class Option:
             (it fixes the shapes or the meaning of the saved tensors). False for options
             that only choose how the initial state is computed (``svd``), which a file
             without the key may omit (its default is then used).
+        in_every_file: for options that must match: False for an option added after files
+            were written without it (``offset``): a file lacking the key means the
+            default, which a layer's value must then match.
         help: one line, for documentation.
     """
 
@@ -64,6 +67,7 @@ class Option:
     default: Any = None
     saved: bool = True
     must_match: bool = True
+    in_every_file: bool = True
     help: str = ""
 
     def default_for(self, context: OptionContext):
@@ -100,6 +104,17 @@ def check_alpha(alpha, context: OptionContext | None = None) -> float:
     return float(alpha)
 
 
+def check_offset(offset, context: OptionContext) -> int:
+    """The first singular index a spectral slice tunes: ``offset + r <= min(out, in)``."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    r = context.values["r"]
+    if offset < 0 or offset + r > context.max_rank:
+        raise ValueError(f"offset must be >= 0 with offset + r <= min(out_features, "
+                         f"in_features)={context.max_rank}, got offset={offset}, r={r}")
+    return offset
+
+
 def check_svd(svd, context: OptionContext | None = None) -> str:
     if not isinstance(svd, str) or svd not in SVD_SOLVERS:
         raise ValueError(f"svd must be one of {SVD_SOLVERS}, got {svd!r}")
@@ -112,6 +127,9 @@ RANK = Option("r", rank_check("r"), default=8,
 ALPHA = Option("alpha", check_alpha, default=lambda context: context.values["r"],
                help="LoRA scaling numerator: the LoRA rows are scaled by alpha / r "
                     "(default r)")
+OFFSET = Option("offset", check_offset, default=0, in_every_file=False,
+                help="first singular index tuned: the slice offset..offset+r-1 of W0's "
+                     "singular triplets (spectral methods; default 0, the top r)")
 SVD = Option("svd", check_svd, default="auto", must_match=False,
              help="SVD solver for the frozen factors: 'auto', 'full' or 'randomized' "
                   "(see methods/svd.py)")

@@ -1,7 +1,10 @@
-"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): fine-tune the top-r singular vectors.
+"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): fine-tune r singular vectors of W0.
 
-Both variants move ``P_r diag(sigma_r) Q_r.T`` out of the base (``W_res``) into the
-adapter, so the adapted layer equals ``W0`` at init up to rounding.
+``P_r``, ``sigma_r``, ``Q_r`` are the singular triplets ``offset .. offset+r-1`` of ``W0``
+(``offset = 0``: the top r). Both variants move ``P_r diag(sigma_r) Q_r.T`` out of the base
+(``W_res``) into the adapter, so the adapted layer equals ``W0`` at init up to rounding.
+Adapters on disjoint slices (offsets 0, r, 2r, ...) change disjoint parts of the spectrum:
+the paper's multi-adapter fusion (``speclora_kernels.fuse_adapters``).
 
 - additive:   ``W' = W_res + (P_r + B) diag(sigma_r) (Q_r + A.T).T``
 - rotational: ``W' = W_res + (P_r R_U) diag(sigma_r ⊙ c) (Q_r R_V).T`` with Cayley
@@ -15,7 +18,7 @@ import torch
 
 from .assembly import Computed, Frozen, OpSpec, Param, acc_dtype, transpose
 from .base import AdapterMethod, SpectralBuffers
-from .options import RANK, SVD
+from .options import OFFSET, RANK, SVD
 
 
 def cayley(x: torch.Tensor) -> torch.Tensor:
@@ -37,11 +40,11 @@ def cayley(x: torch.Tensor) -> torch.Tensor:
 
 class _Spectral(SpectralBuffers, AdapterMethod):
     replaces_base = True
-    options = (RANK, SVD)
+    options = (RANK, OFFSET, SVD)
 
     def __init__(self, weight, *, generator=None, **options):
         super().__init__(weight, **options)
-        self._register_svd(weight, self.r, self.svd, generator)
+        self._register_svd(weight, self.r, self.svd, generator, offset=self.offset)
         self.rank = self.grad_rows = self.r
         self.dropout_rows = 0
 

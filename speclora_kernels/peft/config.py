@@ -129,14 +129,16 @@ class SpecLoraConfig(PeftConfig):
 
 @dataclass
 class SpectralAdapterConfig(PeftConfig):
-    """Spectral Adapter (Zhang & Pilanci): fine-tune the top-r singular vectors of each
-    target weight, ``variant="additive"`` (``P_r + B``, ``Q_r + A``) or ``"rotational"``
+    """Spectral Adapter (Zhang & Pilanci): fine-tune r singular vectors of each target
+    weight, the triplets ``offset .. offset+r-1`` (``offset_pattern``: per module; 0: the
+    top r), ``variant="additive"`` (``P_r + B``, ``Q_r + A``) or ``"rotational"``
     (Cayley rotations of ``P_r``, ``Q_r`` and a scale on ``sigma_r``). The base stays the
     pre-trained weight, so several adapters and ``disable_adapter()`` work as with LoRA;
     the layer takes the top-r term out through frozen rows (R = 2r in the op)."""
 
-    r: int = _field(SPECTRAL, "r", "number of top singular directions adapted")
+    r: int = _field(SPECTRAL, "r", "number of singular directions adapted")
     variant: str = _field(SPECTRAL, "variant", "'additive' or 'rotational'")
+    offset: int = _field(SPECTRAL, "offset", "first singular index tuned (0: the top r)")
     lora_dropout: float = _field(SPECTRAL, "lora_dropout",
                                  "must be 0.0 (no separate trainable down path)")
     target_modules: Optional[Union[list[str], str]] = _field(SPECTRAL, "target_modules",
@@ -147,11 +149,16 @@ class SpectralAdapterConfig(PeftConfig):
                                                   "modules trained in full and saved")
     svd: str = _field(SPECTRAL, "svd", "SVD solver: 'auto', 'full' or 'randomized'")
     rank_pattern: dict = _field(SPECTRAL, "rank_pattern", "per-module r")
+    offset_pattern: dict = _field(SPECTRAL, "offset_pattern", "per-module offset")
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SPECTRAL
         _check(self)
+        if not _is_int(self.offset) or self.offset < 0:
+            raise ValueError(f"SpectralAdapterConfig: offset must be an int >= 0, got "
+                             f"{self.offset!r}")
+        _pattern(self, "offset_pattern", lambda v: _is_int(v) and v >= 0, "ints >= 0")
         variants = sorted(k for k in PEFT_METHODS[SPECTRAL].methods)
         if self.variant not in variants:
             raise ValueError(f"SpectralAdapterConfig: variant must be one of {variants}, got "

@@ -20,19 +20,23 @@ uses ``register_peft_method`` itself should a PEFT version know the name.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..integrations.inject import share_key
-from ..persistence.peft_methods import PEFT_METHODS, layer_settings
+from ..methods.combine import COMBINATIONS, CombineError, check_weights, combine_adapters
+from ..persistence.peft_methods import CONFIG_FIELDS, PEFT_METHODS, layer_settings, peft_layout
 from .config import CONFIGS, PICA, SPECLORA, SPECTRAL
-from .layer import MethodLayer, layer_class, loading
+from .layer import MethodLayer, layer_class, loading, mixed_batch_hooks
 
 
 class _Tuner(BaseTuner):
     peft_type: str
     tuner_layer_cls: type[MethodLayer]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    _enable_peft_forward_hooks = mixed_batch_hooks  # PEFT's adapter_names= (mixed batches)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent,
                             current_key, *, parameter_name=None, **kwargs) -> None:
@@ -69,6 +73,71 @@ class _Tuner(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.__dict__.get("_pica_groups", {}).pop(adapter_name, None)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str,
+                             combination_type: str = "cat", **unsupported) -> None:
+        """PEFT's ``LoraModel.add_weighted_adapter`` for our types: a new adapter
+        ``adapter_name`` (not active, not trainable) combining ``adapters`` layer by layer by
+        the rules of :mod:`speclora_kernels.methods.combine`: spectral slices on disjoint
+        offsets fuse exactly (``cat``, weights 1); SpecLoRA's LoRA part by ``cat`` (exact)
+        or ``linear`` (one rank, approximate) with its mask summed; PiCa's ``M`` summed.
+        Its config describes it, so ``save_pretrained`` / ``from_pretrained`` work. PEFT's
+        SVD / TIES / DARE combinations and their arguments are refused, as is an existing
+        ``adapter_name`` (PEFT's LoRA would return silently)."""
+        given = sorted(k for k, v in unsupported.items() if v is not None)
+        if given or combination_type not in COMBINATIONS:
+            raise ValueError(f"add_weighted_adapter supports combination_type in "
+                             f"{COMBINATIONS} and no {given or 'other'} arguments for "
+                             f"{type(self).__name__}, got {combination_type!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} exists already; name the combined "
+                             f"adapter anew")
+        adapters = list(adapters)
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapters {unknown} do not exist (have {sorted(self.peft_config)})")
+        weights = check_weights(weights, len(adapters))
+        groups, firsts, fused, entries = {}, {}, {}, {}
+        for name, layer in self.model.named_modules():
+            if not isinstance(layer, self.tuner_layer_cls):
+                continue
+            have = [a for a in adapters if a in layer.adapters]
+            if not have:
+                continue
+            if len(have) != len(adapters):
+                raise ValueError(f"{name}: adapted by {have} but not by "
+                                 f"{sorted(set(adapters) - set(have))}; the adapters to "
+                                 f"combine must target the same layers")
+            dropouts = sorted({layer.adapter_dropout[a] for a in adapters})
+            if len(dropouts) > 1:
+                raise ValueError(f"{name}: the adapters have different dropouts {dropouts}")
+            layer.materialize(adapters)
+            group = share_key(name)
+            try:
+                adapter = combine_adapters([layer.adapters[a] for a in adapters], weights,
+                                           combination_type, shared=groups.get(group))
+            except CombineError as err:
+                raise ValueError(f"{name} (adapters {adapters}): {err}") from None
+            owner = None
+            if adapter.name == "pica":
+                owner = firsts.setdefault(group, name)
+                owner = None if owner == name else owner
+                groups.setdefault(group, adapter.M)
+            fused[name] = (layer, adapter)
+            entries[name] = {**adapter.config(), "dropout": dropouts[0], "share_with": owner}
+        if not fused:
+            raise ValueError(f"no layer holds the adapters {adapters}")
+        layout, _ = peft_layout(entries)
+        fields = set(CONFIG_FIELDS[self.peft_type]) - {"exclude_modules", "modules_to_save"}
+        config = replace(self.peft_config[adapters[0]],
+                         **{k: v for k, v in layout.items() if k in fields})
+        for name, (layer, adapter) in fused.items():
+            adapter.requires_grad_(False)
+            layer.adapters[adapter_name] = adapter
+            layer.adapter_dropout[adapter_name] = entries[name]["dropout"]
+        if groups:
+            self.__dict__.setdefault("_pica_groups", {})[adapter_name] = groups
+        self.peft_config[adapter_name] = config
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Nothing to do: our adapters are float32 (float64 on a float64 base) from the

@@ -8,7 +8,7 @@ config against the method's declared options and the layer before any tensor dat
 from __future__ import annotations
 
 from .container import container_paths, open_container, read_verified, write_container
-from .schema import ADAPTER_FORMAT, ADAPTER_HEADER, FORMAT_VERSION, check_layer_entry, match_keys
+from .schema import ADAPTER_FORMAT, ADAPTER_HEADER, FORMAT_VERSION, check_layer_entry, match_values
 
 
 def save_layer_adapter(layer, path) -> tuple[str, str]:
@@ -39,9 +39,9 @@ def load_layer_adapter(layer, path) -> dict:
         entry = {k: v for k, v in config.items() if k not in ADAPTER_HEADER}
         check_layer_entry(entry, f"{st_path} (embedded config)")
         own = layer.adapter_config()
-        for key in match_keys(type(layer.adapter)):
-            if config.get(key) != own.get(key):
-                file.fail(f"saved adapter has {key}={config.get(key)!r} but the layer has "
+        for key, saved in match_values(entry, type(layer.adapter)).items():
+            if saved != own.get(key):
+                file.fail(f"saved adapter has {key}={saved!r} but the layer has "
                           f"{key}={own.get(key)!r}")
         file.check({n: (tuple(t.shape), t.dtype) for n, t in layer.adapter_tensors().items()},
                    "the layer")

@@ -55,7 +55,7 @@ from .schema import (
     check_layer_entry,
     check_schema,
     header_schema,
-    match_keys,
+    match_values,
 )
 
 # 1: our own config in adapter_config.json, tensors "<module>.<tensor>"; 2: PEFT's format.
@@ -184,9 +184,9 @@ def _check_layer(name: str, entry: dict, module) -> None:
         raise AdapterFileError(f"the adapter has layer {name!r}, which the model lacks")
     if isinstance(module, AdapterLinear):
         own = module.adapter_config()
-        for key in match_keys(type(module.adapter)):
-            if entry.get(key) != own.get(key):
-                raise AdapterFileError(f"{name}: the adapter has {key}={entry.get(key)!r} but "
+        for key, saved in match_values(entry, type(module.adapter)).items():
+            if saved != own.get(key):
+                raise AdapterFileError(f"{name}: the adapter has {key}={saved!r} but "
                                        f"the model's layer has {key}={own.get(key)!r}")
     elif not isinstance(module, nn.Linear):
         raise AdapterFileError(f"{name}: the adapter adapts a linear layer, but the model's "

@@ -76,7 +76,8 @@ _COMMON = {"r": 8, "target_modules": None, "exclude_modules": None, "modules_to_
 CONFIG_FIELDS = {
     "SPECLORA_KERNELS_SPECLORA": {**_COMMON, "k": 16, "lora_alpha": None, "k_pattern": {},
                                   "alpha_pattern": {}},
-    "SPECLORA_KERNELS_SPECTRAL": {**_COMMON, "variant": "additive"},
+    "SPECLORA_KERNELS_SPECTRAL": {**_COMMON, "variant": "additive", "offset": 0,
+                                  "offset_pattern": {}},
     "SPECLORA_KERNELS_PICA": dict(_COMMON),
 }
 
@@ -90,9 +91,10 @@ def peft_key(name: str, method: str, tensor: str) -> str:
 
 def layer_settings(config, name: str) -> tuple[str, dict, float]:
     """``(method, options, dropout)`` of layer ``name`` under ``config`` (one of our PEFT
-    configs, as an object or a dict): ``rank_pattern`` / ``k_pattern`` / ``alpha_pattern``
-    entries win over ``r`` / ``k`` / ``lora_alpha`` (PEFT's pattern rule: a key matches the
-    end of the name); ``lora_alpha=None`` means ``r`` (scaling 1)."""
+    configs, as an object or a dict): ``rank_pattern`` / ``k_pattern`` / ``alpha_pattern`` /
+    ``offset_pattern`` entries win over ``r`` / ``k`` / ``lora_alpha`` / ``offset`` (PEFT's
+    pattern rule: a key matches the end of the name); ``lora_alpha=None`` means ``r``
+    (scaling 1); a config without ``offset`` (written before it existed) means 0."""
     get = config.get if isinstance(config, dict) else (lambda key, d=None: getattr(config, key, d))
     peft_type = get("peft_type")
     if peft_type not in PEFT_METHODS:
@@ -107,6 +109,9 @@ def layer_settings(config, name: str) -> tuple[str, dict, float]:
     if peft_type == "SPECLORA_KERNELS_SPECLORA":
         options["k"] = _pattern_value(get("k_pattern") or {}, name, get("k", fields["k"]))
         options["alpha"] = _pattern_value(get("alpha_pattern") or {}, name, get("lora_alpha"))
+    if peft_type == "SPECLORA_KERNELS_SPECTRAL":
+        options["offset"] = _pattern_value(get("offset_pattern") or {}, name,
+                                           get("offset", fields["offset"]))
     return methods[variant], options, float(get("lora_dropout", 0.0) or 0.0)
 
 
@@ -159,6 +164,10 @@ def peft_layout(entries: dict[str, dict]) -> tuple[dict, dict[str, str]]:
         config["k"], config["lora_alpha"] = _mode(ks.values()), _mode(alphas.values())
         config["k_pattern"] = _pattern(ks, config["k"])
         config["alpha_pattern"] = _pattern(alphas, config["lora_alpha"])
+    if variant in ("additive", "rotational"):
+        offsets = {n: e.get("offset") or 0 for n, e in entries.items()}
+        config["offset"] = _mode(offsets.values())
+        config["offset_pattern"] = _pattern(offsets, config["offset"])
     if method == "pica":
         expected = pica_owners(names)
         got = {n: e.get("share_with") for n, e in entries.items()}

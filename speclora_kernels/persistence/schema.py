@@ -142,6 +142,17 @@ def match_keys(method) -> tuple[str, ...]:
             "in_features", "out_features", "adapter_dtype")
 
 
+def match_values(entry: dict, method) -> dict:
+    """The :func:`match_keys` values of a saved layer ``entry`` (already checked), an option
+    that older files lack (``Option.in_every_file`` False) taking its default there."""
+    values = {key: entry.get(key) for key in match_keys(method)}
+    for option in method.saved_options():
+        if option.must_match and not option.in_every_file and values[option.name] is None:
+            context = OptionContext(entry["out_features"], entry["in_features"])
+            values[option.name] = option.default_for(context)
+    return values
+
+
 def _options(entry: dict, where: str, schema: dict, extra: bool) -> dict:
     """The options of the entry's method, each checked with the method's own check:
     options that must match must be present; the others (``svd``) take their default
@@ -155,7 +166,7 @@ def _options(entry: dict, where: str, schema: dict, extra: bool) -> dict:
     unknown = sorted(rest - anyone)
     if unknown and not extra:
         raise AdapterFileError(f"{where}: unknown keys {unknown[:5]}")
-    needed = sorted(o.name for o in saved if o.must_match)
+    needed = sorted(o.name for o in saved if o.must_match and o.in_every_file)
     missing = sorted(set(needed) - set(entry))
     stray = sorted(k for k in (rest & anyone) - own if entry[k] is not None)
     if missing or stray:
@@ -169,7 +180,7 @@ def _options(entry: dict, where: str, schema: dict, extra: bool) -> dict:
                                     torch.device("meta"), dict(values))
             if not option.saved:
                 values[option.name] = option.resolve(None, context)
-            elif option.must_match:
+            elif option.must_match and option.in_every_file:
                 values[option.name] = option.check(entry[option.name], context)
             else:
                 values[option.name] = option.resolve(entry.get(option.name), context)
