@@ -14,7 +14,9 @@
 6. prints the trainable-parameter count of every method on the same model.
 
 On a CUDA GPU everything runs there and the adapter layers use the fused Triton kernels;
-on CPU the same op runs its PyTorch path. Needs transformers, bitsandbytes and tqdm (the
+on CPU the same op runs its C++ backend, compiled on first use (about 30-60 s, announced on
+stderr; ``python -m speclora_kernels.build`` does it ahead of time), or without a compiler
+its PyTorch path. Needs transformers, bitsandbytes and tqdm (the
 ``[dev]`` extra).
 """
 from __future__ import annotations
@@ -181,7 +183,12 @@ def run(kind="llama", method="speclora", steps=None, r=8, k=16, dropout=0.0, qua
     from .persistence import load_adapter, save_adapter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = "fused Triton kernels" if device == "cuda" else "the op's PyTorch CPU path"
+    if device == "cuda":
+        path = "fused Triton kernels"
+    else:  # build (or load) the C++ backend now, announced, rather than in the first step
+        from . import cpu
+
+        path = "the C++ CPU backend" if cpu.load() else "the op's PyTorch CPU path"
     base = "NF4 (bitsandbytes Linear4bit)" if quantize else "dense fp32"
     print(f"== speclora_kernels demo: {kind}, {method}, {base} base, {device} ({path})")
     t0 = time.perf_counter()

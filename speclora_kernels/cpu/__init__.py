@@ -7,13 +7,14 @@ product, never as a whole weight), forward and backward, semantics identical to 
 path of ``speclora_kernels.ops`` (which calls :func:`forward` / :func:`backward` for CPU
 tensors).
 
-:func:`load` compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into a cache
-directory the first time it runs in a machine, then loads the library as
-``torch.ops.speclora_cpu``; later processes reuse the cached build. ``python -m
-speclora_kernels.build`` builds it ahead of time. Without a C++ compiler (or ninja)
-:func:`load` warns once, in one line, and returns False; with ``SPECLORA_DISABLE_CPP=1`` it
-returns False silently. Either way every function below still works, on the pure-PyTorch
-path (:mod:`.fallback`).
+:func:`load` compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) the first
+time these sources are used on a machine, saying so at WARNING level, into a cache folder
+named by a hash of the sources and build settings (:mod:`.builder`), then loads the library
+as ``torch.ops.speclora_cpu``; later processes, and other installs with the same sources,
+load that build. ``python -m speclora_kernels.build`` builds it ahead of time. Without a C++
+compiler or ninja :func:`load` warns once, in one line, and returns False; with
+``SPECLORA_DISABLE_CPP=1`` it returns False silently. Either way every function below still
+works, on the pure-PyTorch path (:mod:`.fallback`).
 
 Environment:
     SPECLORA_DISABLE_CPP=1   never build or load the C++ backend.
@@ -21,34 +22,24 @@ Environment:
                              (default: the best this CPU runs, AVX-512 > AVX2 > portable).
     TORCH_EXTENSIONS_DIR     cache root (default ``$XDG_CACHE_HOME/speclora_kernels`` or
                              ``~/.cache/speclora_kernels``).
+    CXX                      the compiler (default ``c++``); part of the build's key.
     MAX_JOBS                 parallel compile jobs (ninja), as for any torch extension.
 """
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import sys
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 
 from ..quant.nf4 import NF4Weight, decode_dtype
-from . import fallback
+from . import builder, fallback
+from .builder import build_directory, source_directory
 
-__all__ = ["load", "is_available", "build_directory", "isa", "adapter_forward",
+__all__ = ["load", "is_available", "build_directory", "source_directory", "isa", "adapter_forward",
            "adapter_backward", "keep_mask", "forward", "backward"]
 
-_NAME = "speclora_cpu"
-_SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_portable.cpp")
-# -ffp-contract=off: the NF4 double-quant scale is a product then a sum, two fp32 roundings
-# as in bitsandbytes; a fused multiply-add would round once and change the weight's bits.
-_CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
-
-_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {"loaded": None}
 
@@ -57,34 +48,9 @@ def _disabled() -> bool:
     return os.environ.get("SPECLORA_DISABLE_CPP", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def source_directory() -> Path:
-    """``csrc`` shipped inside the package (wheels) or at the repository root (checkouts)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "csrc", here.parents[1] / "csrc"):
-        if (candidate / _SOURCES[0]).is_file():
-            return candidate
-    raise FileNotFoundError(f"C++ sources ({_SOURCES[0]}, ...) not found next to {here.parent}")
-
-
-def build_directory() -> Path:
-    """Where the library is compiled and cached: one directory per Python and torch version."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(cache, "speclora_kernels")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    return Path(root) / tag.replace("+", "_") / _NAME
-
-
-def _compiler_missing() -> str | None:
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler ({cxx!r} not found; set CXX)"
-    return None
-
-
 def load(verbose: bool = False) -> bool:
-    """Build (first time) and load the C++ ops; True when ``torch.ops.speclora_cpu`` is ready.
+    """Build (first time for these sources) and load the C++ ops; True when
+    ``torch.ops.speclora_cpu`` is ready.
 
     Thread-safe; the outcome is remembered for the process. Failure is not an error: it warns
     once (one line) and the callers below use the PyTorch path.
@@ -97,23 +63,11 @@ def load(verbose: bool = False) -> bool:
         if _disabled():
             _state["loaded"] = False
             return False
-        reason = _compiler_missing()
-        if reason is None:
-            try:
-                from torch.utils import cpp_extension
-
-                src = source_directory()
-                out = build_directory()
-                out.mkdir(parents=True, exist_ok=True)
-                if not any(out.glob(f"{_NAME}*.so")):
-                    _log.info("building the C++ CPU backend in %s (first use, about 20-60 s)", out)
-                cpp_extension.load(name=_NAME, sources=[str(src / s) for s in _SOURCES],
-                                   extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                                   extra_include_paths=[str(src)], build_directory=str(out),
-                                   is_python_module=False, verbose=verbose)
-            except Exception as exc:  # compiler/ninja/linker failure: fall back, say why
-                lines = str(exc).strip().splitlines() or [type(exc).__name__]
-                reason = f"build failed: {lines[-1][:200]}"
+        try:
+            reason = builder.build_and_load(verbose)
+        except Exception as exc:  # compiler/linker failure: fall back, say why
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            reason = f"build failed: {lines[-1][:200]}"
         if reason is not None:
             warnings.warn(f"speclora_kernels: C++ CPU backend unavailable ({reason}); "
                           "using the PyTorch path", RuntimeWarning, stacklevel=2)

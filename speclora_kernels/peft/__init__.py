@@ -9,7 +9,10 @@
       model = peft.get_peft_model(model, speclora_kernels.peft.SpecLoraConfig(
           r=8, k=16, target_modules=["q_proj", "v_proj"]))
 
-  Importing this package registers the three types with PEFT (``tuner.register``).
+  Importing this package registers the three types with PEFT (``tuner.register``);
+  ``import speclora_kernels`` does it too as soon as peft is imported, before or after it
+  (``speclora_kernels._import_hook``), so ``PeftModel.from_pretrained`` of a saved adapter
+  needs only ``import speclora_kernels``.
 - PEFT's own LoRA on our kernels: :func:`patch_peft` / :func:`unpatch_peft`
   (``speclora_kernels.patch_peft()`` is the same function).
 - :func:`bench.timing_pair`: patched vs unpatched PEFT LoRA, one layer, one shape.
