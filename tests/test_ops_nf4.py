@@ -220,7 +220,7 @@ def test_kernels_and_cpu_backend_agree():
 def test_layer_from_linear4bit_through_kernels():
     """End to end: AdapterLinear built from bitsandbytes' Linear4bit runs the NF4 kernels and
     equals the Linear4bit at init (fp32), and trains."""
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")  # optional: absent from the oldest-versions job
 
     torch.manual_seed(5)
     q = bnb.nn.Linear4bit(128, OUT_F, quant_type="nf4").to("cpu").train()
