@@ -132,9 +132,9 @@ def test_errors_name_the_module_and_the_feature():
         peft.get_peft_model(tiny_llama(), SpecLoraConfig(target_modules=["embed_tokens"]))
     model = peft.get_peft_model(tiny_llama(), SpecLoraConfig(r=2, k=2, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    with pytest.raises(TypeError, match="adapter_names, PEFT's mixed-batch inference, is not "
-                                        "supported"):
-        layer(torch.randn(2, 64), adapter_names=["default", "default"])
+    with pytest.raises(TypeError, match="takes only the input tensor and adapter_names; got 0 "
+                                        r"more positional arguments and keywords \['scale'\]"):
+        layer(torch.randn(2, 64), scale=2.0)
     with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
         model.add_adapter("other", PiCaConfig(target_modules=["q_proj"]))
 

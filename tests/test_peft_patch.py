@@ -226,8 +226,8 @@ def test_what_is_not_covered_falls_back_with_one_log_line(fused_calls, caplog):
               "Linear runs PEFT's own forward: the LoRA variant DoraLinearVariant"),
              (lora(r=2, target_modules=["embed_tokens"]), {},
               "Embedding runs PEFT's own forward: embedding LoRA is a gather"),
-             (lora(r=2, target_modules=["q_proj"]).eval(),
-              {"adapter_names": ["default", "default"]}, "adapter_names (mixed-batch inference)")]
+             (lora(r=2, target_modules=["q_proj"], lora_bias=True).eval(),
+              {"adapter_names": ["default", "__base__"]}, "lora_bias in a mixed-adapter batch")]
     wants = [model(input_ids=ids, **kw).logits for model, kw, _ in cases]
     speclora_kernels.patch_peft()
     for (model, kw, message), want in zip(cases, wants):

@@ -24,14 +24,17 @@ def _dense(weight, x: torch.Tensor, nf4_dtype) -> torch.Tensor:
 
 
 def forward(x, weight, bias, down, scale, up, keep, dropout_p, dropout_rows, save_t,
-            nf4_dtype=None):
-    """``(y, t)``; dropout on the first ``dropout_rows`` rows of ``down`` iff ``keep`` is given."""
+            nf4_dtype=None, scale_index=None):
+    """``(y, t)``; dropout on the first ``dropout_rows`` rows of ``down`` iff ``keep`` is given.
+    ``scale_index`` (M,): a mixed-adapter batch, ``scale`` a table and row i scaled by its
+    row ``scale_index[i]`` (the C++ backend has no such path: the op sends these here)."""
     acc = _acc(x)
     xa, d = x.to(acc), down.to(acc)
     t = xa @ d.T
     if keep is not None and dropout_rows > 0:
         t[:, :dropout_rows] = (xa * keep) @ d[:dropout_rows].T / (1.0 - dropout_p)
-    y = xa @ _dense(weight, x, nf4_dtype).T + (t * scale.to(acc)) @ up.to(acc).T
+    s = scale.to(acc) if scale_index is None else scale.to(acc)[scale_index]
+    y = xa @ _dense(weight, x, nf4_dtype).T + (t * s) @ up.to(acc).T
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype), (t if save_t else t.new_empty((0, t.shape[1])))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import cpu
+from ..cpu import fallback
 from ..quant import NF4Weight, decode_dtype
 
 try:
@@ -69,14 +70,19 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 # ------------------------------------------------------------------ implementations
 def forward_impl(x: Tensor, weight, bias: Optional[Tensor], down: Tensor, scale: Tensor,
                  up: Tensor, seed: Optional[Tensor], dropout_p: float, dropout_rows: int,
-                 save_t: bool) -> tuple[Tensor, Tensor]:
+                 save_t: bool, scale_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(y, t) for 2-D x and a dense or ``NF4Weight`` base; D and U in any float dtype
-    (rounded to x's); dropout is active iff ``seed`` is given (and dropout_rows > 0)."""
+    (rounded to x's); dropout is active iff ``seed`` is given (and dropout_rows > 0).
+    ``scale_index`` (M,): a mixed-adapter batch (``scale`` a table; no dropout): the
+    kernels, else the PyTorch fallback (the C++ backend has no mixed path)."""
     if _use_triton(x, down.shape[0]):
         active = seed is not None
         return launch.adapter_forward(x, weight, bias, down, scale, up, seed,
                                       dropout_p if active else 0.0,
-                                      dropout_rows if active else 0, save_t)
+                                      dropout_rows if active else 0, save_t, scale_index)
+    if scale_index is not None:
+        return fallback.forward(x, weight, bias, down.to(x.dtype), scale, up.to(x.dtype), None,
+                                0.0, 0, save_t, decode_dtype(x.dtype), scale_index)
     return cpu.forward(x, weight, bias, down.to(x.dtype), scale, up.to(x.dtype), seed,
                        dropout_p, dropout_rows, save_t)
 
@@ -124,9 +130,10 @@ def _fwd_op(x: Tensor, weight: Tensor, absmax: Optional[Tensor], absmax2: Option
             code2: Optional[Tensor], offset: Optional[Tensor], nf4: list[int],
             bias: Optional[Tensor], down: Tensor, scale: Tensor, up: Tensor,
             seed: Optional[Tensor], dropout_p: float, dropout_rows: int,
-            save_t: bool) -> tuple[Tensor, Tensor]:
+            save_t: bool, scale_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     base = _base(weight, absmax, absmax2, code2, offset, nf4, x.shape[1], x.dtype)
-    return forward_impl(x, base, bias, down, scale, up, seed, dropout_p, dropout_rows, save_t)
+    return forward_impl(x, base, bias, down, scale, up, seed, dropout_p, dropout_rows, save_t,
+                        scale_index)
 
 
 adapter_linear_fwd = torch.library.custom_op("speclora_kernels::adapter_linear_fwd", _fwd_op,
@@ -135,7 +142,7 @@ adapter_linear_fwd = torch.library.custom_op("speclora_kernels::adapter_linear_f
 
 @adapter_linear_fwd.register_fake
 def _(x, weight, absmax, absmax2, code2, offset, nf4, bias, down, scale, up, seed, dropout_p,
-      dropout_rows, save_t):
+      dropout_rows, save_t, scale_index=None):
     rows = x.shape[0] if save_t else 0
     out_features = nf4[2] if nf4 else weight.shape[0]
     return (x.new_empty((x.shape[0], out_features)),
@@ -166,15 +173,16 @@ def _(dy, x, weight, absmax, absmax2, code2, offset, nf4, down, scale, up, t, se
             torch.empty_like(up) if need_dup else x.new_empty(0))
 
 
-def run_forward(x, weight, bias, down, scale, up, seed, dropout_p, dropout_rows, save_t):
+def run_forward(x, weight, bias, down, scale, up, seed, dropout_p, dropout_rows, save_t,
+                scale_index=None):
     """``forward_impl``, through the custom op while torch.compile traces (opaque to it, so
     fullgraph works), directly in eager mode (skips the custom-op dispatch, ~40 µs per call
     on CPU, measured: more than a small layer's whole forward)."""
     if torch.compiler.is_compiling():
         return adapter_linear_fwd(x, *_base_tensors(weight), bias, down, scale, up, seed,
-                                  dropout_p, dropout_rows, save_t)
+                                  dropout_p, dropout_rows, save_t, scale_index)
     return forward_impl(x, weight, bias, down, scale, up, seed, dropout_p, dropout_rows,
-                        save_t)
+                        save_t, scale_index)
 
 
 def run_backward(dy, x, weight, down, scale, up, t, seed, dropout_p, dropout_rows, grad_rows,
@@ -257,3 +265,55 @@ class AdapterLinearFunction(torch.autograd.Function):
         grads = dict(x=dx, weight=d_weight, bias=d_bias, down=d_down, scale=d_scale, up=d_up)
         return tuple(grads[name] if need[name] and name in grads else None
                      for name in _INPUTS)
+
+
+class MixedAdapterFunction(torch.autograd.Function):
+    r"""A mixed-adapter batch, ``y = x @ W.T + b + ((x @ D.T) * S[idx]) @ U.T`` (no dropout),
+    differentiable: the forward is the fused one; the backward (rare: PEFT runs mixed
+    batches in eval mode, mostly without gradients) runs in PyTorch, with ``rows =
+    S[idx]``, ``g = dy @ U``: ``dx = dy W + (g * rows) D``, ``dD = (g * rows)^T x``,
+    ``dU = dy^T (t * rows)``, ``dS[a] = sum over the rows of table a of g * t``; frozen rows
+    (from ``grad_rows``) get zeros."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, scale, up, scale_index, grad_rows):
+        with _no_autocast(x):
+            y = run_forward(x, weight, bias, down, scale, up, None, 0.0, 0, False, scale_index)[0]
+        quantized = isinstance(weight, NF4Weight)
+        base = _base_tensors(weight)[:5] if quantized else (weight,)
+        ctx.save_for_backward(x, down, scale, up, scale_index, *base)
+        ctx.nf4 = weight if quantized else None
+        ctx.grad_rows = grad_rows
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, down, scale, up, index, *base = ctx.saved_tensors
+        need = dict(zip(_INPUTS[:6], ctx.needs_input_grad))
+        acc, cut = _acc_dtype(x), ctx.grad_rows
+        with _no_autocast(x):
+            dya, xa = dy.to(acc), x.to(acc)
+            d, u = down.to(x.dtype).to(acc), up.to(x.dtype).to(acc)
+            rows = scale.to(acc)[index]
+            g = dya @ u
+            t = xa @ d.T
+            grads = {}
+            if need["x"]:
+                w = (base[0] if ctx.nf4 is None else
+                     ctx.nf4.with_tensors(*base).dequantize(decode_dtype(x.dtype)))
+                grads["x"] = (dya @ w.to(acc) + (g * rows) @ d).to(x.dtype)
+            if need["weight"]:
+                grads["weight"] = (dya.T @ xa).to(base[0].dtype)
+            if need["bias"]:
+                grads["bias"] = dya.sum(0).to(ctx.bias_dtype)
+            if need["down"]:
+                grads["down"] = ((g * rows).T @ xa).to(down.dtype)
+                grads["down"][cut:] = 0
+            if need["up"]:
+                grads["up"] = (dya.T @ (t * rows)).to(up.dtype)
+                grads["up"][:, cut:] = 0
+            if need["scale"]:
+                grads["scale"] = torch.zeros(scale.shape, dtype=acc, device=x.device).index_add_(
+                    0, index, g * t).to(scale.dtype)
+        return tuple(grads.get(name) for name in _INPUTS[:6]) + (None, None)

@@ -141,25 +141,30 @@ def _decoded_once(weight, M: int, dtype: torch.dtype):
 
 
 def adapter_forward(x, weight, bias, down, scale, up, seed: Optional[torch.Tensor],
-                    dropout_p: float, dropout_rows: int, save_t: bool):
+                    dropout_p: float, dropout_rows: int, save_t: bool,
+                    scale_index: Optional[torch.Tensor] = None):
     """Triton forward on 2-D ``x`` (M, K), ``weight`` a dense (N, K) tensor or an ``NF4Weight``.
     Dropout is active iff ``dropout_p > 0`` and ``dropout_rows > 0``; ``seed`` is then the
     0-d int64 tensor the kernels read the Philox seed from (on x's device, so a CUDA graph
     replays a fresh draw). Returns ``(y, t)``: y (M, N) in x's dtype; t = x' @ D.T (M, R)
-    fp32 if ``save_t`` else an empty (0, R) tensor. The launches of a call shape are built
-    once (``recipe``)."""
+    fp32 if ``save_t`` else an empty (0, R) tensor. ``scale_index`` (M,): a mixed-adapter
+    batch, ``scale`` a contiguous (tables, R) table and row i scaled by its row
+    ``scale_index[i]`` (the same launches, their epilogue compiled with ROW_SCALE). The
+    launches of a call shape are built once (``recipe``)."""
     weight = _decoded_once(weight, x.shape[0], x.dtype)
     has_dropout = dropout_p > 0 and dropout_rows > 0
     # without dropout the kernels' seed load reads x and is never used
     call = Call(x.device, x=x, down=down, scale=scale, up=up, seed=seed if has_dropout else x,
                 bias=bias, dropout_p=float(dropout_p) if has_dropout else 0.0,
-                dropout_rows=int(dropout_rows) if has_dropout else 0, **_base_values(weight))
+                dropout_rows=int(dropout_rows) if has_dropout else 0,
+                idx=scale if scale_index is None else scale_index, **_base_values(weight))
     recipe_key = recipe.key(x.shape[0], "fwd", x.shape, x.stride(), x.dtype, x.device, _base_key(weight),
                             None if bias is None else bias.dtype, down.shape, down.stride(),
-                            down.dtype, up.stride(), up.dtype, scale.dtype, has_dropout,
+                            down.dtype, up.stride(), up.dtype, scale.dtype, scale.stride(),
+                            None if scale_index is None else scale_index.dtype, has_dropout,
                             save_t, dot_precision(x.dtype))
-    y, t = recipe.cached(recipe_key, lambda c: _build_forward(c, weight, has_dropout, save_t),
-                         call)
+    y, t = recipe.cached(recipe_key, lambda c: _build_forward(c, weight, has_dropout, save_t,
+                                                              scale_index is not None), call)
     return y, (t if save_t else x.new_empty((0, down.shape[0]), dtype=torch.float32))
 
 
@@ -179,7 +184,14 @@ def _base_key(weight) -> tuple:
     return ("dense", weight.shape, weight.stride(), weight.dtype)
 
 
-def _build_forward(call: Call, weight, has_dropout: bool, save_t: bool):
+def _row_scale(v: dict, mixed: bool) -> dict:
+    """The kernels' mixed-batch arguments: the row index and the scale table's row stride
+    (``validate`` keeps the table's offsets in int32)."""
+    return dict(idx_ptr=v["idx"], stride_sa=v["scale"].stride(0) if mixed else 0,
+                ROW_SCALE=mixed)
+
+
+def _build_forward(call: Call, weight, has_dropout: bool, save_t: bool, mixed: bool):
     v = call.values
     x, down, scale, up, bias = v["x"], v["down"], v["scale"], v["up"], v["bias"]
     M, K = x.shape
@@ -188,9 +200,11 @@ def _build_forward(call: Call, weight, has_dropout: bool, save_t: bool):
     plan = forward_plan(M, N, K, R, rank_cap=fused_rank_cap(weight), dropout=has_dropout,
                         sms=sm_count(x.device), nf4=nf4, element_size=x.element_size(),
                         weight_bytes=weight.nbytes if nf4 else N * K * weight.element_size(),
-                        splitk=not nf4 or K % weight.blocksize == 0)
+                        # fp32 NF4 mixed batches: the split-K tile spills 8 bytes on sm_90
+                        splitk=(not nf4 or K % weight.blocksize == 0)
+                        and not (mixed and nf4 and x.element_size() == 4))
     if plan.path == "splitk":
-        return _build_splitk(call, weight, has_dropout, save_t, plan)
+        return _build_splitk(call, weight, has_dropout, save_t, plan, mixed)
     down_in_kernel, segments = plan.rank_in_kernel, plan.segments
     y = call.output("y", (M, N), x.dtype)
     t = call.output("t", (M, R), torch.float32) if (save_t or not down_in_kernel) else y
@@ -203,8 +217,9 @@ def _build_forward(call: Call, weight, has_dropout: bool, save_t: bool):
             a_ptr=x, b_ptr=down, out_ptr=t, M=M, K=K, R=R,
             stride_am=x.stride(0), stride_ak=x.stride(1),
             stride_br=down.stride(0), stride_bk=down.stride(1),
-            stride_om=t.stride(0), stride_or=t.stride(1),
-            HAS_DROPOUT=has_dropout, BLOCK_R=rank_block(R, 128), **drop)))
+            stride_om=t.stride(0), stride_or=t.stride(1), s_ptr=scale,
+            HAS_DROPOUT=has_dropout, BLOCK_R=rank_block(R, 128), **_row_scale(v, mixed),
+            **drop)))
     launches.append((FWD, dict(
         x_ptr=x, **weight_args(weight), bias_ptr=bias if bias is not None else y,
         d_ptr=down, s_ptr=scale, u_ptr=up, t_ptr=t, y_ptr=y, M=M, N=N, K=K, R=R,
@@ -216,11 +231,12 @@ def _build_forward(call: Call, weight, has_dropout: bool, save_t: bool):
         HAS_BIAS=bias is not None, FUSE_DOWN=down_in_kernel, SEGMENTED=segments > 0,
         STORE_T=down_in_kernel and save_t,
         HAS_DROPOUT=down_in_kernel and has_dropout,  # split: t arrives with dropout applied
-        BLOCK_R=rank_block(R, FUSED_MAX_RANK if down_in_kernel else 32), **drop)))
+        BLOCK_R=rank_block(R, FUSED_MAX_RANK if down_in_kernel else 32), **_row_scale(v, mixed),
+        **drop)))
     return launches, ("y", "t" if save_t else "y")
 
 
-def _build_splitk(call: Call, weight, has_dropout: bool, save_t: bool, plan):
+def _build_splitk(call: Call, weight, has_dropout: bool, save_t: bool, plan, mixed: bool):
     """The decode forward as one split-K launch (``kernels.forward.fwd_splitk_kernel``)."""
     v = call.values
     x, down, scale, up, bias = v["x"], v["down"], v["scale"], v["up"], v["bias"]
@@ -248,7 +264,8 @@ def _build_splitk(call: Call, weight, has_dropout: bool, save_t: bool, plan):
         seed_ptr=v["seed"], dropout_p=v["dropout_p"], dropout_rows=v["dropout_rows"],
         HAS_BIAS=bias is not None, STORE_T=save_t, HAS_DROPOUT=has_dropout, BLOCK_R=block_r,
         DOT_PRECISION=dot_precision(x.dtype), IDX64=needs_int64(x, weight, down, up, y, t),
-        BLOCK_M=SPLITK_BLOCK_M, BLOCK_N=plan.block_n))], ("y", "t" if save_t else "y")
+        BLOCK_M=SPLITK_BLOCK_M, BLOCK_N=plan.block_n, **_row_scale(v, mixed)))], \
+        ("y", "t" if save_t else "y")
 
 
 def adapter_backward(dy, x, weight, down, scale, up, t, seed: Optional[torch.Tensor],
@@ -301,8 +318,9 @@ def _build_backward(call: Call, weight, has_dropout: bool, needs: tuple):
             a_ptr=dy, b_ptr=up, out_ptr=g, M=M, K=N, R=R,
             stride_am=dy.stride(0), stride_ak=dy.stride(1),
             stride_br=up.stride(1), stride_bk=up.stride(0),
-            stride_om=g.stride(0), stride_or=g.stride(1),
-            BLOCK_R=rank_block(R, 128), HAS_DROPOUT=False, **drop)))
+            stride_om=g.stride(0), stride_or=g.stride(1), s_ptr=scale, idx_ptr=scale,
+            stride_sa=0, ROW_SCALE=False, BLOCK_R=rank_block(R, 128), HAS_DROPOUT=False,
+            **drop)))
     dx = call.output("dx", (M, K), x.dtype) if need_dx else x
     if need_dx:
         launches.append((DX, dict(

@@ -4,7 +4,8 @@
 
 ``x'`` is ``x`` with LoRA-style dropout applied to the first ``dropout_rows`` rows of
 ``D`` only (the trainable down rows); the remaining (frozen, spectral) rows see the clean
-input. Only the first ``grad_rows`` rows of ``D`` and columns of ``U`` receive gradient
+input. With ``scale_index`` (a mixed-adapter batch) ``s`` is a table and row ``i`` of x
+is scaled by ``s[scale_index[i]]``. Only the first ``grad_rows`` rows of ``D`` and columns of ``U`` receive gradient
 (the rest are frozen spectral factors, treated as constants). Computed with float32
 accumulation (float64 when any input is float64) and returned in ``x``'s dtype.
 Differentiable by autograd; runs on any device.
@@ -24,7 +25,8 @@ def dropout_mask(shape, p: float, *, device=None, generator=None) -> torch.Tenso
 def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.0,
                          dropout_rows: int | None = None, grad_rows: int | None = None,
                          mask: torch.Tensor | None = None,
-                         training: bool = True, generator: torch.Generator | None = None):
+                         training: bool = True, generator: torch.Generator | None = None,
+                         scale_index: torch.Tensor | None = None):
     """Reference ``x @ W.T + bias + ((x @ D.T) * s) @ U.T``.
 
     Args:
@@ -40,9 +42,13 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
         mask: optional boolean keep-mask shaped like ``x``; when given it is used instead
             of drawing one (lets a test feed the mask a kernel generated).
         generator: RNG for the mask when ``mask`` is None.
+        scale_index: a mixed-adapter batch: ``scale`` is a (tables x R) table, and each row
+            of x (``scale_index`` shaped ``(M,)`` or ``x.shape[:-1]``) takes its scale from
+            row ``scale_index[i]`` (a zero row: the base alone).
     """
     dropout_rows, grad_rows = check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p,
-                                                   dropout_rows, grad_rows)
+                                                   dropout_rows, grad_rows,
+                                                   scale_index=scale_index)
     acc = torch.promote_types(x.dtype, torch.float32)
     xa = x.to(acc)
     base = xa @ weight.to(acc).T
@@ -63,5 +69,8 @@ def fused_adapter_linear(x, weight, bias, down, scale, up, dropout_p: float = 0.
         t = torch.cat([xd @ d[:dropout_rows].T, xa @ d[dropout_rows:].T], dim=-1)
     else:
         t = xa @ d.T
-    t = t * scale.to(acc)
+    if scale_index is None:
+        t = t * scale.to(acc)
+    else:
+        t = t * scale.to(acc)[scale_index.reshape(x.shape[:-1])]
     return (base + t @ u.T).to(x.dtype)

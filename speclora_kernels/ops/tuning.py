@@ -532,11 +532,11 @@ def _fwd_grid(a):
 FWD = TunedKernel(
     fwd_kernel, _gemm_configs("BLOCK_N", "BLOCK_K"),
     key=["M", "N", "K", "R", "n_segments", "HAS_BIAS", "FUSE_DOWN", "SEGMENTED", "STORE_T",
-         "HAS_DROPOUT", "BLOCK_R", "DOT_PRECISION", "IDX64", "NF4", "NF4_ROWS",
+         "HAS_DROPOUT", "ROW_SCALE", "BLOCK_R", "DOT_PRECISION", "IDX64", "NF4", "NF4_ROWS",
          "NF4_BLOCKSIZE", "NF4_DOUBLE_QUANT"],
     fits=_fwd_fits, smem_bytes=_fwd_smem, grid=_fwd_grid)
 PROJ = TunedKernel(
-    proj_kernel, _PROJ_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT", "BLOCK_R", "DOT_PRECISION", "IDX64"],
+    proj_kernel, _PROJ_CONFIGS, key=["M", "K", "R", "HAS_DROPOUT", "ROW_SCALE", "BLOCK_R", "DOT_PRECISION", "IDX64"],
     fits=_proj_fits, smem_bytes=_proj_smem,
     grid=lambda a: (cdiv(a["M"], a["BLOCK_M"]) * cdiv(a["R"], a["BLOCK_R"]),))
 
@@ -570,7 +570,7 @@ FACTOR = TunedKernel(
 
 SPLITK = TunedKernel(
     fwd_splitk_kernel, _SPLITK_CONFIGS,
-    key=["M", "N", "K", "R", "n_splits", "HAS_BIAS", "STORE_T", "HAS_DROPOUT", "BLOCK_R",
+    key=["M", "N", "K", "R", "n_splits", "HAS_BIAS", "STORE_T", "HAS_DROPOUT", "ROW_SCALE", "BLOCK_R",
          "BLOCK_N", "DOT_PRECISION", "IDX64", "NF4", "NF4_ROWS", "NF4_BLOCKSIZE",
          "NF4_DOUBLE_QUANT"],
     fits=_splitk_fits, smem_bytes=_splitk_smem, grid=_splitk_grid)

@@ -3,6 +3,8 @@ so kernels and backends can trust their inputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -18,12 +20,13 @@ def _check_float(name: str, t) -> None:
 
 
 def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropout_rows=None,
-                         grad_rows=None, weight_shape=None) -> tuple[int, int]:
+                         grad_rows=None, weight_shape=None, scale_index=None) -> tuple[int, int]:
     """Validate the op's arguments; return ``(dropout_rows, grad_rows)`` resolved to ints.
 
-    ``weight_shape`` is given when ``weight`` is not a dense (out x in) tensor (NF4). Runs on
-    every call: each check is the cheapest that catches its error (host time counts at
-    decode).
+    ``weight_shape`` is given when ``weight`` is not a dense (out x in) tensor (NF4);
+    ``scale_index`` (a mixed-adapter batch) makes ``scale`` a (tables x R) table, checked by
+    :func:`check_scale_index`. Runs on every call: each check is the cheapest that catches
+    its error (host time counts at decode).
     """
     _check_float("x", x)
     _check_float("down", down)
@@ -40,7 +43,9 @@ def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     if down.dim() != 2 or down.shape[1] != in_f:
         raise ValueError(f"down must be (R x in_features={in_f}), got shape {tuple(down.shape)}")
     rank = down.shape[0]
-    if scale.dim() != 1 or scale.shape[0] != rank:
+    if scale_index is not None:
+        check_scale_index(x, scale, scale_index, rank)
+    elif scale.dim() != 1 or scale.shape[0] != rank:
         raise ValueError(f"scale must be ({rank},) to match down's rank, got shape {tuple(scale.shape)}")
     if up.dim() != 2 or up.shape[0] != out_f or up.shape[1] != rank:
         raise ValueError(f"up must be (out_features={out_f} x R={rank}), got shape {tuple(up.shape)}")
@@ -58,6 +63,42 @@ def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
     dropout_rows = rank if dropout_rows is None else _rows("dropout_rows", dropout_rows, rank)
     grad_rows = rank if grad_rows is None else _rows("grad_rows", grad_rows, rank)
     return dropout_rows, grad_rows
+
+
+def check_scale_index(x, scale, scale_index, rank: int) -> None:
+    """A mixed-adapter batch: ``scale`` is a (tables x R) table and ``scale_index`` gives each
+    row of x (its M = x.numel() / in_features rows, flat or shaped ``x.shape[:-1]``) the
+    table row its ranks are scaled by. Checking the values reads them on the host (a GPU
+    synchronisation), so an index that passed is marked as checked until it is modified
+    in place: a model's layers reuse one index tensor and synchronise once."""
+    if not isinstance(scale_index, torch.Tensor):
+        raise TypeError(f"scale_index must be a torch.Tensor, got {type(scale_index).__name__}")
+    if scale_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"scale_index must be int32 or int64, got {scale_index.dtype}")
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    if scale_index.numel() != rows or scale_index.dim() not in (1, x.dim() - 1):
+        raise ValueError(f"scale_index must hold one table row per row of x: shape ({rows},) "
+                         f"or {tuple(x.shape[:-1])}, got {tuple(scale_index.shape)}")
+    if scale_index.dim() == x.dim() - 1 and scale_index.shape != x.shape[:-1]:
+        raise ValueError(f"scale_index must have shape {tuple(x.shape[:-1])} (x's leading "
+                         f"dims) or ({rows},), got {tuple(scale_index.shape)}")
+    if scale.dim() != 2 or scale.shape[1] != rank or scale.shape[0] == 0:
+        raise ValueError(f"scale must be a (tables x R={rank}) table with scale_index, got "
+                         f"shape {tuple(scale.shape)}")
+    if scale.numel() >= 2**31:  # the kernels index the table in int32
+        raise ValueError(f"scale must have fewer than 2**31 elements, got {tuple(scale.shape)}")
+    if scale_index.device != x.device:
+        raise ValueError(f"scale_index is on {scale_index.device} but x is on {x.device}")
+    if rows == 0:
+        return
+    tables = scale.shape[0]
+    if getattr(scale_index, "_speclora_checked", None) == (scale_index._version, tables):
+        return
+    low, high = int(scale_index.min()), int(scale_index.max())
+    if low < 0 or high >= tables:
+        raise ValueError(f"scale_index values must be in [0, {tables}) (rows of scale), "
+                         f"got values in [{low}, {high}]")
+    scale_index._speclora_checked = (scale_index._version, tables)
 
 
 def _rows(name: str, value, rank: int) -> int:

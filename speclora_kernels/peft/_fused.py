@@ -9,6 +9,10 @@ the leading ``grad_rows``, so the blocks' rows are regrouped (dropped-out rows o
 block, then rows with gradient only, then frozen rows): the sum over R does not depend on
 the order. Blocks whose dropout probability differs from the first one's are added in
 plain PyTorch (``torch.nn.functional.dropout``): the op takes one probability.
+
+A mixed-adapter batch (PEFT's ``adapter_names``) stacks the named adapters' blocks along R
+once more, and the op scales each row by its adapter's row of a scale table
+(:func:`mixed_forward`): one launch for every adapter in the batch.
 """
 from __future__ import annotations
 
@@ -143,6 +147,104 @@ def fused_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, blocks: li
     dtype, as bitsandbytes does. ``D`` and ``U`` keep their dtype (the op rounds them to
     the compute dtype as it loads them; gradients come back in theirs). ``kind``: the
     base's :func:`base_kind`, if the caller has it."""
+    if len(blocks) == 1:  # the common case, without combine's bookkeeping
+        b, rest = blocks[0], ()
+        down, scale, up, p, grad_rows = b.down, b.scale, b.up, b.dropout_p, b.grad_rows
+        rows = b.dropout_rows if p > 0 else 0
+    else:
+        down, scale, up, p, rows, grad_rows, rest = combine(blocks)
+    return _call(owner, base, x, kind, extra_bias, down, scale, up, p, rows, grad_rows, rest)
+
+
+def stack(blocks: dict[str, Block], same_frozen=None):
+    """A mixed-adapter batch's factors: ``(D, U, table, grad_rows)``, every block's rows
+    stacked along R and ``table`` (1 + blocks, R) its per-rank scales, row 0 zero (the base
+    alone, PEFT's ``"__base__"``) and row ``1 + i`` block i's scales at its ranks, zero
+    elsewhere. Frozen rows (from a block's ``grad_rows`` on) that ``same_frozen(a, b)`` says
+    equal an earlier block's are stacked once and shared (SpecLoRA adapters of one base:
+    ``Q_k.T`` / ``P_k`` projected once for every row; only the scales differ). Rows with
+    gradient come first, so the op's ``grad_rows`` covers them."""
+    trained = [(name, b, 0, b.grad_rows, "trained") for name, b in blocks.items() if b.grad_rows]
+    frozen, spans, owners = [], {name: [] for name in blocks}, []
+    for name, b in blocks.items():
+        if b.grad_rows == b.down.shape[0]:
+            continue
+        owner = next((o for o in owners if same_frozen is not None and same_frozen(o, name)),
+                     None)
+        if owner is None:
+            owners.append(name)
+            frozen.append((name, b, b.grad_rows, b.down.shape[0], "frozen"))
+        else:  # the owner's frozen rows, this block's scales for them
+            spans[name].append((owner, "frozen", b.scale[b.grad_rows:]))
+    parts, at, offset = trained + frozen, {}, 0
+    for name, b, lo, hi, part in parts:
+        at[name, part] = offset
+        spans[name].append((name, part, b.scale[lo:hi]))
+        offset += hi - lo
+    dtype = parts[0][1].down.dtype
+    for _, b, *_ in parts:
+        dtype = torch.promote_types(dtype, torch.promote_types(b.down.dtype, b.up.dtype))
+    down = torch.cat([b.down[lo:hi].to(dtype) for _, b, lo, hi, _ in parts])
+    up = torch.cat([b.up[:, lo:hi].to(dtype) for _, b, lo, hi, _ in parts], dim=1)
+    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    table = torch.zeros(len(blocks) + 1, offset, dtype=sdtype, device=down.device)
+    for row, name in enumerate(blocks, 1):
+        for owner, part, values in spans[name]:
+            start = at[owner, part]
+            table[row, start:start + values.shape[0]] = values
+    return down, up, table, sum(b.grad_rows for _, b, *_ in trained)
+
+
+_INDEX_CACHE: dict = {}
+
+
+def row_index(table_rows: tuple, rows_per_sample: int, device) -> torch.Tensor:
+    """The op's ``scale_index``: each sample's table row, repeated for its rows (a sequence's
+    tokens), int32 on ``device``. Cached: a model's layers with the same adapters share one
+    tensor, so it is copied to the device and checked once per batch, not once a layer."""
+    key = (table_rows, rows_per_sample, device)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        index = torch.tensor(table_rows, dtype=torch.int32).repeat_interleave(rows_per_sample)
+        index = _INDEX_CACHE[key] = index.to(device)
+    return index
+
+
+def mixed_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, adapter_names,
+                  blocks: dict[str, Block], same_frozen=None,
+                  kind: str | None = None) -> torch.Tensor:
+    """PEFT's mixed-adapter batch, ``adapter_names[i]`` the adapter of sample ``x[i]``
+    (``"__base__"`` or a name without a block: the base alone), as one fused call: the
+    blocks stacked (:func:`stack`) and each row scaled by its sample's table row. Dtypes as
+    :func:`fused_forward`; inference only (no dropout)."""
+    down, up, table, grad_rows = _stacked(owner, blocks, same_frozen)
+    where = {name: row for row, name in enumerate(blocks, 1)}
+    rows = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+    index = row_index(tuple(where.get(n, 0) for n in adapter_names), rows, x.device)
+    return _call(owner, base, x, kind, None, down, table, up, 0.0, 0, grad_rows, (), index)
+
+
+def _stacked(owner: nn.Module, blocks: dict[str, Block], same_frozen):
+    """:func:`stack`, kept on ``owner`` for inference while the blocks are the same tensors,
+    unmodified (PEFT LoRA's parameters: a decode step then runs no op before the kernel).
+    The entry holds the tensors it was built from, so their ids cannot be reused."""
+    if torch.is_grad_enabled():
+        return stack(blocks, same_frozen)
+    tensors = [t for b in blocks.values() for t in (b.down, b.scale, b.up)]
+    key = (tuple(blocks), tuple(b.grad_rows for b in blocks.values()),
+           tuple(t._version for t in tensors))
+    cached = owner.__dict__.get("_speclora_stacked")
+    if (cached is None or cached[0] != key or len(cached[1]) != len(tensors)
+            or any(a is not b for a, b in zip(cached[1], tensors))):
+        cached = owner.__dict__["_speclora_stacked"] = (key, tensors, stack(blocks, same_frozen))
+    return cached[2]
+
+
+def _call(owner, base, x, kind, extra_bias, down, scale, up, p, rows, grad_rows, rest,
+          scale_index=None):
+    """The op on ``base``'s weight in the dtypes :func:`fused_forward` describes."""
     nf4 = (kind or base_kind(base)) == "nf4"
     kind = x.device.type
     autocast = torch.is_autocast_enabled(kind)
@@ -165,26 +267,21 @@ def fused_forward(owner: nn.Module, base: nn.Module, x: torch.Tensor, blocks: li
         bias = extra_bias if bias is None else bias + extra_bias
     if bias is not None and bias.dtype != xc.dtype:
         bias = bias.to(xc.dtype)
-    if len(blocks) == 1:  # the common case, without combine's bookkeeping
-        b, rest = blocks[0], ()
-        down, scale, up, p, grad_rows = b.down, b.scale, b.up, b.dropout_p, b.grad_rows
-        rows = b.dropout_rows if p > 0 else 0
-    else:
-        down, scale, up, p, rows, grad_rows, rest = combine(blocks)
     want = torch.float64 if xc.dtype == torch.float64 else torch.float32
     if scale.dtype != want:
         scale = scale.to(want)
+    args = (xc, weight, bias, down, scale, up, p, rows, grad_rows, rest, scale_index)
     if autocast:
         with torch.autocast(kind, enabled=False):
-            y = _run(xc, weight, bias, down, scale, up, p, rows, grad_rows, rest)
+            y = _run(*args)
     else:
-        y = _run(xc, weight, bias, down, scale, up, p, rows, grad_rows, rest)
+        y = _run(*args)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def _run(x, weight, bias, down, scale, up, p, rows, grad_rows, rest):
+def _run(x, weight, bias, down, scale, up, p, rows, grad_rows, rest, scale_index):
     y = ops.fused_adapter_linear(x, weight, bias, down, scale, up, p, rows, grad_rows,
-                                 training=p > 0)
+                                 training=p > 0, scale_index=scale_index)
     for b in rest:
         y = y + plain_adapter(x, b)
     return y

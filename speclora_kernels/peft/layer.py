@@ -13,11 +13,18 @@ Frozen spectral factors are computed on first use (forward, merge, ``state_dict`
 when the adapter is created, so that loading a saved adapter (``PeftModel.from_pretrained``)
 takes the saved ``P``, ``sigma``, ``Q`` and never runs an SVD that could return other
 vectors.
+
+Mixed-adapter batches (PEFT's ``adapter_names=`` in ``forward`` and ``generate``, eval mode):
+:func:`mixed_batch_hooks` is our tuners' ``_enable_peft_forward_hooks`` (PEFT's checks, then
+``adapter_names`` handed to every layer), and a layer runs all the named adapters in one
+fused call (``_fused.mixed_forward``), the frozen spectral rows its adapters share stacked
+once.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import warnings
 from typing import ClassVar
 
@@ -28,7 +35,7 @@ from torch import nn
 from ..methods import get_method
 from ..methods.base import deferred_svd
 from ..quant import NF4Weight
-from ._fused import Block, base_kind, fused_forward, nf4_weight, plain_adapter
+from ._fused import Block, base_kind, fused_forward, mixed_forward, nf4_weight, plain_adapter
 
 _LOADING = contextvars.ContextVar("speclora_kernels_peft_loading", default=False)
 
@@ -171,12 +178,14 @@ class MethodLayer(nn.Module, BaseTunerLayer):
         return (b.up.to(acc) * b.scale.to(acc)) @ b.down.to(acc)
 
     # -- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names=None, **kwargs) -> torch.Tensor:
         if args or any(v is not None for v in kwargs.values()):
             names = sorted(k for k, v in kwargs.items() if v is not None)
-            raise TypeError(f"{type(self).__name__} takes only the input tensor; got "
-                            f"{len(args)} more positional arguments and keywords {names} "
-                            f"(adapter_names, PEFT's mixed-batch inference, is not supported)")
+            raise TypeError(f"{type(self).__name__} takes only the input tensor and "
+                            f"adapter_names; got {len(args)} more positional arguments and "
+                            f"keywords {names}")
+        if adapter_names is not None:
+            self._check_mixed(x, adapter_names)
         base = self.base_layer
         if self.disable_adapters:
             if self.merged:
@@ -184,6 +193,8 @@ class MethodLayer(nn.Module, BaseTunerLayer):
             return base(x)
         if self.merged:
             return base(x)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names)
         active = [a for a in self.active_adapters if a in self.adapters]
         if not active:
             return base(x)
@@ -193,6 +204,56 @@ class MethodLayer(nn.Module, BaseTunerLayer):
             y = base(x)
             return y + sum(plain_adapter(x.to(y.dtype), b) for b in blocks).to(y.dtype)
         return fused_forward(self, base, x, blocks)
+
+    # -- mixed-adapter batches
+    def _check_mixed(self, x: torch.Tensor, adapter_names) -> None:
+        """PEFT's checks of ``adapter_names`` (its messages, so callers see PEFT's errors)."""
+        if len(x) != len(adapter_names):
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of "
+                             f"inputs, but got {len(adapter_names)} and {len(x)} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, "
+                             "please call `unmerge_adapter` first.")
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+        """Sample i through adapter ``adapter_names[i]`` (``"__base__"``, or a name this layer
+        does not hold: the base alone), every adapter in one fused call."""
+        names = [n for n in dict.fromkeys(adapter_names) if n in self.adapters]
+        base = self.base_layer
+        if not names:
+            return base(x)
+        if self.training and any(self.adapter_dropout.get(n, 0.0) for n in names):
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        self.materialize(names)
+        blocks = {n: self.block(n) for n in names}
+        if base._forward_hooks or base._forward_pre_hooks:  # e.g. accelerate's offloading
+            y = base(x)
+            for name, b in blocks.items():
+                rows = [i for i, n in enumerate(adapter_names) if n == name]
+                y[rows] += plain_adapter(x[rows].to(y.dtype), b).to(y.dtype)
+            return y
+        return mixed_forward(self, base, x, adapter_names, blocks, self._same_frozen)
+
+    def _same_frozen(self, a: str, b: str) -> bool:
+        """Whether adapters ``a`` and ``b`` have the same frozen rows (``block``'s rows from
+        ``grad_rows`` on: ``Q.T`` / ``P`` of the pre-trained weight's SVD), so that a mixed
+        batch projects them once. Compared once per pair of tensors, then cached."""
+        qa, pa = getattr(self.adapters[a], "Q", None), getattr(self.adapters[a], "P", None)
+        qb, pb = getattr(self.adapters[b], "Q", None), getattr(self.adapters[b], "P", None)
+        if any(t is None for t in (qa, pa, qb, pb)):
+            return False
+        ba, bb = self.block(a), self.block(b)  # the frozen rows must be exactly (Q.T, P)
+        if any(blk.down.shape[0] - blk.grad_rows != q.shape[1]
+               for blk, q in ((ba, qa), (bb, qb))):
+            return False
+        key = tuple((t.data_ptr(), t._version, t.shape) for t in (qa, pa, qb, pb))
+        cache = self.__dict__.setdefault("_speclora_same_frozen", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = (qa.shape == qb.shape and pa.shape == pb.shape
+                          and torch.equal(qa, qb) and torch.equal(pa, pb))
+        return cache[key]
 
     # -- merging
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
@@ -253,3 +314,54 @@ def layer_class(attr: str, name: str) -> type[MethodLayer]:
     return type(name, (MethodLayer,), {"attr": attr, "adapter_layer_names": (attr,),
                                        "__module__": __name__,
                                        "__qualname__": name})
+
+
+def _adapter_names_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def mixed_batch_hooks(tuner, *args, **kwargs):
+    """Our tuners' ``_enable_peft_forward_hooks``: with ``adapter_names`` (one adapter name or
+    ``"__base__"`` per sample), PEFT's checks (eval mode, names that exist), the names
+    repeated per beam for beam search (the original names for an encoder), then handed to
+    every one of our layers and ``modules_to_save`` wrapper for the call."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        yield
+        return
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    known = set()
+    for module in tuner.modules():
+        if isinstance(module, MethodLayer):
+            known |= module.adapters.keys()
+    unknown = {n for n in adapter_names if n != "__base__"} - known
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): "
+                         f"{', '.join(sorted(unknown))}")
+    beams = kwargs.get("num_beams")
+    names = list(adapter_names)
+    if isinstance(beams, int) and beams > 1:
+        names = [n for n in adapter_names for _ in range(beams)]
+    kinds = (MethodLayer, AuxiliaryTrainingWrapper)
+    handles = [m.register_forward_pre_hook(functools.partial(_adapter_names_hook,
+                                                             adapter_names=names),
+                                           with_kwargs=True)
+               for m in tuner.modules() if isinstance(m, kinds)]
+    encoder = getattr(tuner.model, "get_encoder", None)
+    encoder = encoder() if encoder is not None and names != list(adapter_names) else None
+    if encoder is not None and encoder is not tuner.model:
+        original = list(adapter_names)
+        handles += [m.register_forward_pre_hook(functools.partial(_adapter_names_hook,
+                                                                  adapter_names=original),
+                                                with_kwargs=True)
+                    for m in encoder.modules() if isinstance(m, kinds)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

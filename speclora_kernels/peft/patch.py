@@ -13,11 +13,15 @@ alpha patterns are already in PEFT's ``scaling``), dropout runs in the kernel (t
 
 Whatever it does not cover runs PEFT's own forward, and one log line (logger
 ``speclora_kernels.peft``, once per layer class and reason) names why: LoRA variants
-(DoRA, aLoRA, ...), ``fan_in_fan_out`` (transformers ``Conv1D``), ``adapter_names``
-(mixed-batch inference), other base layers (8-bit, GPTQ, ...), a base layer with forward
+(DoRA, aLoRA, ...), ``fan_in_fan_out`` (transformers ``Conv1D``), ``lora_bias`` or active
+dropout in a mixed-adapter batch, other base layers (8-bit, GPTQ, ...), a base layer with forward
 hooks (accelerate offloading), lora modules that are not plain ``nn.Linear``, devices other
 than CPU and CUDA; embedding and convolution LoRA layers are never fused. Disabled and
 merged layers run PEFT's forward too (there is nothing to fuse), without a log line.
+
+Mixed-adapter batches (``adapter_names=``, one adapter or ``"__base__"`` per sample) run as
+one fused call per layer (``_fused.mixed_forward``) after PEFT's own checks of the layer
+(``_check_forward_args``: lengths, DoRA).
 
 Not seen by the patch: modules whose ``forward`` was replaced on the instance before (e.g.
 accelerate's hooks wrap the bound method they found), and models ``torch.compile`` traced
@@ -32,7 +36,7 @@ import types
 import torch
 from torch import nn
 
-from ._fused import Block, base_kind, fused_forward
+from ._fused import Block, base_kind, fused_forward, mixed_forward
 
 logger = logging.getLogger("speclora_kernels.peft")
 _ORIGINAL: dict[type, object] = {}  # class -> its forward before patch_peft()
@@ -97,7 +101,8 @@ def _fallback(layer) -> object:
 
 
 def _plan(self, x, args, kwargs):
-    """``(kind, blocks, extra_bias)`` when the fused op computes this call; else a string:
+    """``(kind, blocks, extra_bias)`` when the fused op computes this call (a mixed-adapter
+    batch: ``(kind, {name: block}, adapter_names)``); else a string:
     ``""`` when there is nothing to fuse (disabled, merged, no active adapter, an input
     PEFT itself refuses), otherwise the reason. Runs on every call, so it reads the
     modules' dicts directly (``nn.Module.__getattr__`` costs a microsecond a lookup)."""
@@ -106,17 +111,22 @@ def _plan(self, x, args, kwargs):
         return ""
     if args:
         return "positional arguments besides the input"
+    names = None
     for key, value in kwargs.items():
         if value is not None:
-            return ("adapter_names (mixed-batch inference)" if key == "adapter_names"
-                    else f"the keyword argument {key!r}")
+            if key != "adapter_names":
+                return f"the keyword argument {key!r}"
+            names = value
     if type(x) is not torch.Tensor or x.dtype not in _FLOATS:
         return ""
     mods = d["_modules"]
     lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, \
         mods["lora_dropout"]._modules
-    active = d["_active_adapter"]
-    active = [active] if isinstance(active, str) else active
+    if names is None:
+        active = d["_active_adapter"]
+        active = [active] if isinstance(active, str) else active
+    else:
+        active = list(dict.fromkeys(names))
     variants = d["lora_variant"]
     blocks, extra_bias = [], None
     for a in active:
@@ -134,6 +144,8 @@ def _plan(self, x, args, kwargs):
             p = 0.0
         else:
             return f"the dropout module is a {type(drop).__name__}"
+        if names is not None and p > 0:
+            return "dropout is active (training mode) in a mixed-adapter batch"
         for m in (lora_a, lora_b, drop):
             if m._forward_hooks or m._forward_pre_hooks:
                 return "a lora module has forward hooks"
@@ -148,6 +160,8 @@ def _plan(self, x, args, kwargs):
         blocks.append(Block(wa, _scale(self, a, r, scaling, x.device), wb, p, r, r))
         bias = pb["bias"]
         if bias is not None:
+            if names is not None:
+                return "lora_bias in a mixed-adapter batch (a per-row bias is not fused)"
             term = bias * scaling
             extra_bias = term if extra_bias is None else extra_bias + term
     if not blocks:
@@ -170,6 +184,8 @@ def _plan(self, x, args, kwargs):
         return ""  # PEFT raises its own error
     if kind == "dense" and x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
         return ""
+    if names is not None:
+        return kind, dict(zip((a for a in active if a in lora_as), blocks)), names
     return kind, blocks, extra_bias
 
 
@@ -186,13 +202,18 @@ def _scale(self, adapter: str, r: int, scaling, device) -> torch.Tensor:
 
 def lora_forward(self, x, *args, **kwargs):
     """The forward of PEFT's LoRA ``Linear`` / ``Linear4bit`` under :func:`patch_peft`."""
+    if kwargs.get("adapter_names") is not None:
+        self._check_forward_args(x, *args, **kwargs)  # PEFT's own checks (lengths, DoRA)
     plan = _plan(self, x, args, kwargs)
     if type(plan) is str:
         if plan:
             _log_once(type(self), plan)
         return _fallback(self)(self, x, *args, **kwargs)
-    kind, blocks, extra_bias = plan
-    return fused_forward(self, self.__dict__["_modules"]["base_layer"], x, blocks, extra_bias,
+    kind, blocks, extra = plan
+    if type(blocks) is dict:  # a mixed-adapter batch; extra: the names
+        return mixed_forward(self, self.__dict__["_modules"]["base_layer"], x, extra, blocks,
+                             kind=kind)
+    return fused_forward(self, self.__dict__["_modules"]["base_layer"], x, blocks, extra,
                          kind=kind)
 
 

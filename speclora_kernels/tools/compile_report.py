@@ -2,7 +2,8 @@
 
     python -m speclora_kernels.tools.compile_report [--archs 80,90]
                                                    [--dtypes bf16,fp16,fp32,fp32-tf32]
-                                                   [--quick] [--scenarios a,b] [--jobs N]
+                                                   [--quick] [--scenarios a,b]
+                                                   [--kernels fwd_kernel,...] [--jobs N]
                                                    [--json PATH]
 
 The launchers run in "dry run" on meta tensors for representative shapes (decode, short
@@ -95,7 +96,16 @@ SCENARIOS = [
     ("decode-nf4-n1", 1, 4000, 1, 4, False, "nf4"),
     ("decode-nf4-oddk-odd", 1, 4095, 4096, 16, False, "nf4-nodq"),
     ("train-nf4-oddk", 4096, 4000, 4096, 64, False, "nf4"),
+    # mixed-adapter batches (forward only, no dropout): the epilogue gathers each row's
+    # scales (ROW_SCALE); R: three adapters of rank 16 stacked
+    ("decode-mixed", 16, 4096, 4096, 48, False, "dense"),       # split-K
+    ("prompt-64-mixed", 64, 4096, 4096, 48, False, "dense"),    # fused
+    ("train-mixed", 4096, 4096, 4096, 64, False, "dense"),      # split
+    ("train-seg-mixed", 8192, 4096, 4096, 48, False, "dense"),  # segmented
+    ("decode-nf4-mixed", 16, 4096, 4096, 48, False, "nf4"),
+    ("prompt-64-nf4-mixed", 64, 4096, 4096, 48, False, "nf4"),
 ]
+MIXED = frozenset(s[0] for s in SCENARIOS if s[0].endswith("-mixed"))
 QUICK = ("decode", "train", "train-seg", "decode-nf4", "prompt-64-nf4", "train-nf4", "decode-nf4-oddk")
 
 
@@ -159,9 +169,10 @@ def _fp32_precision(value):
         matmul.fp32_precision = before
 
 
-def _launches(M, K, N, R, dropout, label, base="dense"):
+def _launches(M, K, N, R, dropout, label, base="dense", mixed=False):
     """The (TunedKernel, args) launches of one forward + backward at this shape, with the
-    activation dtype (and fp32 precision) of ``label``."""
+    activation dtype (and fp32 precision) of ``label``; ``mixed``: the forward of a
+    mixed-adapter batch only (its backward runs in PyTorch)."""
     dtype, precision = DTYPES[label]
     meta = dict(device="meta", dtype=dtype)
     x, b = torch.empty(M, K, **meta), torch.empty(N, **meta)
@@ -174,6 +185,11 @@ def _launches(M, K, N, R, dropout, label, base="dense"):
     # every plan a launch can take, the opt-in segmented kernels included
     with tuning.record_launches(dry_run=True) as launches, _fp32_precision(precision), \
             mock.patch.dict(os.environ, {SEGMENTED_ENV: "1"}):
+        if mixed:
+            table = torch.empty(4, R, device="meta")
+            index = torch.empty(M, device="meta", dtype=torch.int32)
+            launch.adapter_forward(x, w, b, d, table, u, None, 0.0, 0, False, index)
+            return launches
         launch.adapter_forward(x, w, b, d, s, u, save_t=True, **drop)
         launch.adapter_backward(torch.empty(M, N, **meta), x, w, d, s, u, t, grad_rows=R // 2 or 1,
                                 need_dx=True, need_ddown=True, need_dscale=True, need_dup=True,
@@ -202,7 +218,7 @@ def _specialize(fn, args: dict):
 
 def _variant(kernel, args) -> str:
     flags = [k for k in ("FUSE_DOWN", "SEGMENTED", "FUSE_UP", "STORE_T", "STORE_G",
-                         "HAS_DROPOUT", "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
+                         "HAS_DROPOUT", "ROW_SCALE", "NEED_DU", "NEED_DD", "NEED_DS", "NF4", "NF4_ROWS",
                          "NF4_DOUBLE_QUANT") if args.get(k)]
     rank = f"R{args['BLOCK_R']} " if "BLOCK_R" in args else ""  # the dequantize has none
     return rank + ",".join(f.lower() for f in flags)
@@ -218,13 +234,15 @@ def _tile_area(cfg) -> int:
     return math.prod(v for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
 
 
-def plan(archs, dtypes, scenarios, extremes_only=False):
+def plan(archs, dtypes, scenarios, extremes_only=False, kernels=None):
     """Unique compile jobs over the scenarios and dtype labels, plus rows for configs pruned
     by shared memory. ``extremes_only``: per launch only the smallest and the largest
-    fitting tile."""
+    fitting tile; ``kernels``: only these kernel names (default all)."""
     jobs, pruned, seen, covered = [], [], set(), {k.name: set() for k in tuning.KERNELS}
     for label, (scenario, M, K, N, R, dropout, base) in itertools.product(dtypes, scenarios):
-        for kernel, args in _launches(M, K, N, R, dropout, label, base):
+        for kernel, args in _launches(M, K, N, R, dropout, label, base, scenario in MIXED):
+            if kernels is not None and kernel.name not in kernels:
+                continue
             fitting = [c for c in kernel.configs if kernel.fits(c, args)]
             if not fitting:  # the launcher would fall back to a config no rule admits
                 for arch in archs:
@@ -382,6 +400,8 @@ def main(argv=None) -> int:
                              "largest tile per launch")
     parser.add_argument("--scenarios", help="comma-separated scenario names (default: all, or "
                                                "the --quick ones)")
+    parser.add_argument("--kernels", help="comma-separated kernel names (default: all), e.g. "
+                                             "fwd_kernel,fwd_splitk_kernel")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiler processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--decode-cost", action="store_true",
@@ -411,8 +431,14 @@ def main(argv=None) -> int:
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
+    kernels = opts.kernels.split(",") if opts.kernels else None
+    unknown = sorted(set(kernels or ()) - {k.name for k in tuning.KERNELS})
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from "
+                     f"{[k.name for k in tuning.KERNELS]}")
     start = time.perf_counter()
-    jobs, pruned, covered = plan(archs, dtypes, scenarios, extremes_only=opts.quick)
+    jobs, pruned, covered = plan(archs, dtypes, scenarios, extremes_only=opts.quick,
+                                 kernels=kernels)
     if opts.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
             rows = list(pool.map(compile_job, jobs))
@@ -434,6 +460,8 @@ def main(argv=None) -> int:
               f"failed, {sum(r.spills > 0 for r in mine)} with spills, max "
               f"{max((r.regs for r in mine), default=0)} registers")
     for kernel in tuning.KERNELS:
+        if kernels is not None and kernel.name not in kernels:
+            continue
         missing = {_config_name(c) for c in kernel.configs} - covered[kernel.name]
         print(f"{kernel.name}: {len(covered[kernel.name])}/{len(kernel.configs)} configs compiled"
               + (f"; not covered: {sorted(missing)}" if missing else ""))

@@ -142,6 +142,27 @@ def up_step(acc, t, offs_r, offs_n, s_ptr, u_ptr, R, N, stride_un, stride_ur,
 
 
 @triton.jit
+def scale_rows(t, idx_ptr, s_ptr, offs_m, offs_r, M, R, stride_sa):
+    """A mixed-adapter batch's ``t * S[idx]``: row i of t (fp32, BLOCK_M x BLOCK_R) times
+    row ``idx[i]`` of the scale table ``s_ptr`` (row stride ``stride_sa``; int32 offsets,
+    ``validate`` keeps the table below 2^31 elements). Rows past M read table row 0.
+    The scale cannot fold into U, which every row shares: t takes it, in fp32."""
+    table = tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0).to(tl.int32) * stride_sa
+    s = tl.load(s_ptr + table[:, None] + offs_r[None, :], mask=offs_r[None, :] < R, other=0.0)
+    return t * s.to(tl.float32)
+
+
+@triton.jit
+def scaled_up_step(acc, ts, offs_r, offs_n, u_ptr, R, N, stride_un, stride_ur,
+                   DOT_PRECISION: tl.constexpr, OP_DTYPE: tl.constexpr):
+    """``up_step`` for a t already scaled per row (``scale_rows``): ``acc += ts @ U.T``, ts
+    rounded to ``OP_DTYPE`` once for the dot. Padded rank columns of ts must be zeros."""
+    u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(OP_DTYPE)
+    return tl.dot(ts.to(OP_DTYPE), u, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def down_back_step(acc, acc_drop, g, offs_r, offs_k, r0, s_ptr, d_ptr, R, K, stride_dr,
                    stride_dk, dropout_rows, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, OP_DTYPE: tl.constexpr):

@@ -4,7 +4,8 @@
   and a segment of consecutive column tiles). With FUSE_DOWN its K-loop feeds the same x
   tile to ``x @ W.T`` and to ``t = x' @ D.T`` (register-resident, BLOCK_R >= R); otherwise
   t comes from ``proj_kernel``. The epilogue adds ``t @ (s * U).T`` and bias and stores y
-  once.
+  once; with ROW_SCALE (a mixed-adapter batch) s is a table and each row takes its own
+  row of it: ``(t * S[idx]) @ U.T``.
 - ``proj_kernel``: ``t = x' @ D.T`` (forward) or ``g = dy @ U`` (backward), fp32.
 
 The base weight is dense or NF4 (decoded tile by tile in registers, ``load_weight_tile``).
@@ -12,7 +13,17 @@ The base weight is dense or NF4 (decoded tile by tile in registers, ``load_weigh
 import triton
 import triton.language as tl
 
-from .common import down_step, dropout_rescale, grouped_tile, load_weight_tile, pad_ranks, up_step, widen_index
+from .common import (
+    down_step,
+    dropout_rescale,
+    grouped_tile,
+    load_weight_tile,
+    pad_ranks,
+    scale_rows,
+    scaled_up_step,
+    up_step,
+    widen_index,
+)
 
 
 @triton.jit
@@ -49,37 +60,49 @@ def _fwd_mainloop(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, 
 @triton.jit
 def _fwd_epilogue(acc, t, t_ptr, bias_ptr, s_ptr, u_ptr, y_ptr, offs_m, offs_n, offs_r,
                   M, N, R, stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
-                  HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, BLOCK_R: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, ROW_SCALE: tl.constexpr,
+                  BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """y tile = acc + t @ (s * U[offs_n]).T + bias, stored once. t: the register-resident
-    projection (FUSE_DOWN), else read from ``t_ptr`` in rank chunks of BLOCK_R."""
+    projection (FUSE_DOWN), else read from ``t_ptr`` in rank chunks of BLOCK_R. ROW_SCALE (a
+    mixed-adapter batch): t arrives scaled per row (``scale_rows``, in registers or by
+    ``proj_kernel``), so only U's tile is loaded here: ``acc + t @ U.T``."""
     row_ok = offs_m[:, None] < M
+    OP = y_ptr.dtype.element_ty
     if FUSE_DOWN:
-        acc = up_step(acc, pad_ranks(t, offs_r, R), offs_r, offs_n, s_ptr, u_ptr, R, N,
-                      stride_un, stride_ur, DOT_PRECISION, y_ptr.dtype.element_ty)
+        if ROW_SCALE:
+            acc = scaled_up_step(acc, pad_ranks(t, offs_r, R), offs_r, offs_n, u_ptr, R, N,
+                                 stride_un, stride_ur, DOT_PRECISION, OP)
+        else:
+            acc = up_step(acc, pad_ranks(t, offs_r, R), offs_r, offs_n, s_ptr, u_ptr, R, N,
+                          stride_un, stride_ur, DOT_PRECISION, OP)
     else:
         for r0 in range(0, R, BLOCK_R):
             offs_rc = r0 + offs_r
             tc = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_rc[None, :] * stride_tr,
                          mask=row_ok & (offs_rc[None, :] < R), other=0.0)
-            acc = up_step(acc, tc, offs_rc, offs_n, s_ptr, u_ptr, R, N, stride_un, stride_ur,
-                          DOT_PRECISION, y_ptr.dtype.element_ty)
+            if ROW_SCALE:
+                acc = scaled_up_step(acc, tc, offs_rc, offs_n, u_ptr, R, N, stride_un, stride_ur,
+                                     DOT_PRECISION, OP)
+            else:
+                acc = up_step(acc, tc, offs_rc, offs_n, s_ptr, u_ptr, R, N, stride_un, stride_ur,
+                              DOT_PRECISION, OP)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=row_ok & (offs_n[None, :] < N))
+             acc.to(OP), mask=row_ok & (offs_n[None, :] < N))
 
 
 @triton.jit
 def fwd_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels_ptr,
-    bias_ptr, d_ptr, s_ptr, u_ptr, t_ptr, y_ptr,
+    bias_ptr, d_ptr, s_ptr, idx_ptr, u_ptr, t_ptr, y_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_dr, stride_dk,
-    stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
+    stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn, stride_sa,
     seed_ptr, dropout_p, dropout_rows, n_segments,
     HAS_BIAS: tl.constexpr, FUSE_DOWN: tl.constexpr, SEGMENTED: tl.constexpr,
-    STORE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    STORE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
     NF4: tl.constexpr, NF4_ROWS: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
     NF4_DOUBLE_QUANT: tl.constexpr, NF4_NESTED: tl.constexpr,
@@ -93,7 +116,10 @@ def fwd_kernel(
     split into at most ``n_segments`` segments of ceil(tiles / n_segments) tiles; a program
     computes t in its segment's first tile and reuses it for the rest, so t costs
     ``segments * BLOCK_R / N`` extra FLOPs instead of ``BLOCK_R / BLOCK_N``. Otherwise t
-    (fp32, from proj_kernel) is read in rank chunks of BLOCK_R in the epilogue.
+    (fp32, from proj_kernel) is read in rank chunks of BLOCK_R in the epilogue. ROW_SCALE:
+    a mixed-adapter batch, s a table (stride ``stride_sa``) and row i of t scaled by row
+    ``idx[i]`` of it (``scale_rows``: here for a register-resident t, after STORE_T; by
+    ``proj_kernel`` on the split path).
     """
     seed = tl.load(seed_ptr)  # a device tensor: CUDA-graph replays draw new masks
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -122,9 +148,11 @@ def fwd_kernel(
             if pid_s == 0:  # every column tile holds the same t; the first one saves it
                 tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,
                          mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        if ROW_SCALE:  # once for the whole segment
+            t = scale_rows(t, idx_ptr, s_ptr, offs_m, offs_r, M, R, stride_sa)
     _fwd_epilogue(acc, t, t_ptr, bias_ptr, s_ptr, u_ptr, y_ptr, offs_m, offs_n, offs_r, M, N,
                   R, stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
-                  HAS_BIAS, FUSE_DOWN, BLOCK_R, DOT_PRECISION)
+                  HAS_BIAS, FUSE_DOWN, ROW_SCALE, BLOCK_R, DOT_PRECISION)
     if SEGMENTED:  # the rest of the segment: plain GEMM tiles, t from registers
         for _ in range(first + 1, tl.minimum(first + seg_tiles, tiles_n)):
             offs_n += BLOCK_N
@@ -136,19 +164,19 @@ def fwd_kernel(
                                    NF4_NESTED, BLOCK_M, BLOCK_N, BLOCK_K, IDX64)
             _fwd_epilogue(acc, t, t_ptr, bias_ptr, s_ptr, u_ptr, y_ptr, offs_m, offs_n, offs_r,
                           M, N, R, stride_un, stride_ur, stride_tm, stride_tr, stride_ym,
-                          stride_yn, HAS_BIAS, FUSE_DOWN, BLOCK_R, DOT_PRECISION)
+                          stride_yn, HAS_BIAS, FUSE_DOWN, ROW_SCALE, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
 def fwd_splitk_kernel(
     x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, levels_ptr,
-    bias_ptr, d_ptr, s_ptr, u_ptr, t_ptr, y_ptr, part_ptr, count_ptr,
+    bias_ptr, d_ptr, s_ptr, idx_ptr, u_ptr, t_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, R, k_split, n_splits, part_rows,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_dr, stride_dk,
-    stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
+    stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn, stride_sa,
     seed_ptr, dropout_p, dropout_rows,
     HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    ROW_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
     NF4: tl.constexpr, NF4_ROWS: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr,
     NF4_DOUBLE_QUANT: tl.constexpr, NF4_NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -164,6 +192,7 @@ def fwd_splitk_kernel(
     slice order 0, 1, ... (a fixed order, whoever arrives last: deterministic), applies the
     dropout rescale, ``t @ (s * U).T`` and bias, stores y, and resets the counter for the
     next launch. The counter decides only who reduces, never the order of a sum.
+    ROW_SCALE: a mixed-adapter batch, as in ``fwd_kernel``.
     """
     seed = tl.load(seed_ptr)  # a device tensor: CUDA-graph replays draw new masks
     pid = tl.program_id(0)
@@ -208,24 +237,27 @@ def fwd_splitk_kernel(
             if pid_n == 0:
                 tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,
                          mask=row_ok & (offs_r[None, :] < R))
+        if ROW_SCALE:
+            t = scale_rows(t, idx_ptr, s_ptr, offs_m, offs_r, M, R, stride_sa)
         _fwd_epilogue(acc, t, t_ptr, bias_ptr, s_ptr, u_ptr, y_ptr, offs_m, offs_n, offs_r, M,
                       N, R, stride_un, stride_ur, stride_tm, stride_tr, stride_ym, stride_yn,
-                      HAS_BIAS, True, BLOCK_R, DOT_PRECISION)
+                      HAS_BIAS, True, ROW_SCALE, BLOCK_R, DOT_PRECISION)
 
 
 @triton.jit
 def proj_kernel(
-    a_ptr, b_ptr, out_ptr,
+    a_ptr, b_ptr, out_ptr, s_ptr, idx_ptr,
     M, K, R,
-    stride_am, stride_ak, stride_br, stride_bk, stride_om, stride_or,
+    stride_am, stride_ak, stride_br, stride_bk, stride_om, stride_or, stride_sa,
     seed_ptr, dropout_p, dropout_rows,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    IDX64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out = a' @ b.T, (M, R) in fp32: t = x' @ D.T (forward) or g = dy @ U (backward,
     b = U.T). The rank tiles of one row block are adjacent program ids, so a re-read of
-    the a rows (R > BLOCK_R) hits L2."""
+    the a rows (R > BLOCK_R) hits L2. ROW_SCALE (a mixed-adapter batch): row i of t scaled
+    by row ``idx[i]`` of the table ``s_ptr`` (for ``fwd_kernel``'s split path)."""
     seed = tl.load(seed_ptr)  # a device tensor: CUDA-graph replays draw new masks
     pid = tl.program_id(0)
     tiles_r = tl.cdiv(R, BLOCK_R)
@@ -245,6 +277,8 @@ def proj_kernel(
                          HAS_DROPOUT, BLOCK_R, DOT_PRECISION, BLOCK_M, BLOCK_K)
     if HAS_DROPOUT:
         acc = dropout_rescale(acc, offs_r, dropout_p, dropout_rows)
+    if ROW_SCALE:
+        acc = scale_rows(acc, idx_ptr, s_ptr, offs_m, offs_r, M, R, stride_sa)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
