@@ -202,6 +202,7 @@ def test_multilinear_extrapolation_is_exact():
     assert _multilinear({(1,): 1, (3,): 2}, [(1, 3)], (2,)) == Fraction(3, 2)
 
 
+@pytest.mark.slow  # 7-35 s: the not-slow loop stays short
 def test_counted_rows_match_floors_and_extrapolate_exactly():
     from benchmarks.counted import count_extrapolated, count_once, rows_for
     from benchmarks.shapes import Shape

@@ -275,6 +275,7 @@ def _ddp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 7-35 s: the not-slow loop stays short
 def test_ddp_gradients_of_packed_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")

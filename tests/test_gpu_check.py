@@ -406,6 +406,7 @@ def test_graph_check_recovers_the_seed_and_recomputes_the_step():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run covers these")
+@pytest.mark.slow  # 7-35 s: the not-slow loop stays short
 def test_forced_configs_launch_their_kernel_in_the_interpreter():
     """Each kernel's forced-config job takes a path that launches it (split-K at 16 rows,
     the dequantizer on an NF4 base), in the dtype its config serves."""
