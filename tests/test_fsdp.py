@@ -371,19 +371,26 @@ def test_losses_equal_one_process(fsdp_run, name):
     assert got[0][-1] < got[0][0]
 
 
+def _codes_halved(res) -> tuple[dict, dict]:
+    """A rank's NF4 bytes (whole, at rest) after checking it keeps 1/WORLD of the codes and
+    scales, every double-quant constant, nothing gathered, and freed the whole tensors."""
+    whole, rest = res["bytes_whole"], res["bytes_rest"]
+    assert res["whole_freed"]
+    assert rest["codes_and_scales"] * WORLD == whole["codes_and_scales"]
+    assert rest["double_quant"] == whole["double_quant"] and rest["gathered"] == 0
+    assert res["bytes_after"] == rest
+    return whole, rest
+
+
 def test_nf4_codes_sharded_in_half(fsdp_run):
     for r in fsdp_run.ranks:
         res = r["nf4"]
-        whole, rest = res["bytes_whole"], res["bytes_rest"]
-        assert res["whole_freed"]
-        assert rest["codes_and_scales"] * WORLD == whole["codes_and_scales"]
-        assert rest["double_quant"] == whole["double_quant"] and rest["gathered"] == 0
+        whole, rest = _codes_halved(res)
         # during forward/backward one block's codes are gathered beside the shards (the tiny
         # Llama has two blocks of equal size), and freed again after
         block = whole["codes_and_scales"] // 2
         for phase in ("forward", "backward"):
             assert res["peak"][phase] == rest["codes_and_scales"] + rest["double_quant"] + block
-        assert res["bytes_after"] == rest
         print(f"\nNF4 bytes per rank: whole {whole}, at rest {rest}, peak {res['peak']}")
 
 
@@ -396,12 +403,7 @@ def test_shared_M_is_one_parameter(fsdp_run):
 
 def test_plain_fully_shard_holds_half_the_nf4_codes(fsdp_run):
     for r in fsdp_run.ranks:
-        res = r["plain"]
-        whole, rest = res["bytes_whole"], res["bytes_rest"]
-        assert res["whole_freed"]
-        assert rest["codes_and_scales"] * WORLD == whole["codes_and_scales"]
-        assert rest["double_quant"] == whole["double_quant"] and rest["gathered"] == 0
-        assert res["bytes_after"] == rest
+        whole, rest = _codes_halved(r["plain"])
         print(f"\nplain fully_shard, NF4 bytes per rank: whole {whole}, at rest {rest}")
 
 

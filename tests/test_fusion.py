@@ -6,21 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _tiny_models import TwoLayers
 
 from speclora_kernels import AdapterFileError, fuse_adapters, inject, load_adapter, merge_and_unload, ops, save_adapter
 from speclora_kernels.integrations.inject import adapter_layers
 
 NAMES = ("q", "v")
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q, self.v = nn.Linear(13, 17), nn.Linear(17, 11)
-
-    def forward(self, x):
-        return self.v(torch.tanh(self.q(x)))
 
 
 def base(seed=0, dtype=torch.float64):

@@ -114,20 +114,3 @@ def test_prepare_fsdp_refuses_rows_that_do_not_split():
     assert not any(isinstance(m.weight, NF4Tensor) or "weight" in m._parameters for m in layers)
     prepare_fsdp(model, world_size=2)  # back to parameters
     assert all(isinstance(m.weight, NF4Tensor) for m in layers)
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compile_with_nf4_parameter(nf4_layer):
-    """torch.compile(fullgraph=True) traces a layer holding an NF4Tensor parameter (it reads
-    the inner tensors; the op's custom ops take them) and matches eager."""
-    layer = nf4_layer
-    x = torch.randn(3, 128, requires_grad=True)
-    results = []
-    for fn in (layer, torch.compile(layer, fullgraph=True)):
-        y = fn(x)
-        results.append((y, torch.autograd.grad(y.square().sum(), [x, layer.adapter.A])))
-    (y0, g0), (y1, g1) = results
-    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _tiny_models import TwoLayers
 from torch import nn
 
 from speclora_kernels import (
@@ -27,15 +28,6 @@ SPECTRAL = ["spectral_additive", "spectral_rotational"]
 def _linear(out=19, inp=23, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Linear(inp, out).to(dtype)
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q, self.v = nn.Linear(13, 17), nn.Linear(17, 11)
-
-    def forward(self, x):
-        return self.v(torch.tanh(self.q(x)))
 
 
 def two_layers(seed=0):
