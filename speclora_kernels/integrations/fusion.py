@@ -21,26 +21,8 @@ from torch import nn
 from ..methods import get_method
 from ..methods.combine import COMBINATIONS, CombineError, check_weights, combine_adapters
 from ..modules import AdapterLinear
-from ..persistence.container import open_container, read_verified
-from ..persistence.directory import WEIGHTS_NAME
-from ..persistence.model import (
-    _MODEL_SCHEMA_V2,
-    MODEL_FORMAT_VERSION,
-    _check_fingerprint,
-    _check_layer,
-    _expected_tensors,
-    _has_embedded_config,
-    _legacy_key,
-    _peft_key_of,
-    _spec,
-)
-from ..persistence.schema import (
-    ADAPTER_FORMAT,
-    MODEL_LAYER_SCHEMA,
-    AdapterFileError,
-    check_layer_entry,
-    check_schema,
-)
+from ..persistence.model import check_fingerprint, check_layer, layer_spec, read_adapter
+from ..persistence.schema import AdapterFileError
 from .inject import _set_submodule, adapter_layers, base_fingerprint, freeze_non_adapter, is_linear4bit, unwrap
 
 # Keys of a saved layer that every adapter fused into it must share.
@@ -48,36 +30,9 @@ _SAME = ("dropout", "adapter_dtype", "share_with", "source", "in_features", "out
          "bias")
 
 
-def _read(directory) -> tuple[dict, dict]:
-    """``(layers, tensors)`` of a directory ``save_adapter`` wrote, checked as
-    ``load_adapter`` checks it (schema, tensor table, checksum): ``layers`` its per-layer
-    configs, ``tensors[layer][tensor]`` (a shared PiCa ``M`` under every layer holding it)."""
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} is not a directory (adapters to fuse are "
-                                f"directories written by save_adapter)")
-    if not _has_embedded_config(directory):
-        raise AdapterFileError(f"{directory}: not written by save_adapter; fuse_adapters needs "
-                               f"its files, which carry every layer's options and base "
-                               f"fingerprint (load PEFT's with load_adapter and save_adapter it)")
-    file, config = open_container(os.path.join(directory, WEIGHTS_NAME), None,
-                                  format=ADAPTER_FORMAT, version=MODEL_FORMAT_VERSION, extra=True)
-    with file:
-        check_schema(config, _MODEL_SCHEMA_V2, f"{file.path} (embedded config)")
-        layers = config["layers"]
-        key = _legacy_key if config["format_version"] == 1 else _peft_key_of(layers)
-        file.check(_expected_tensors(file.path, layers, key), "the layers in its config")
-        flat = read_verified(file)
-    tensors = {}
-    for name, entry in layers.items():
-        names = check_layer_entry(entry, f"{directory}: layer {name!r}", MODEL_LAYER_SCHEMA)
-        owner = entry["share_with"]
-        tensors[name] = {t: flat[key(owner if t == "M" and owner else name, t)] for t in names}
-    return layers, tensors
-
-
 def _part(entry: dict, tensors: dict):
     """The saved adapter of one layer as a method module holding the file's tensors."""
-    spec = _spec(entry)
+    spec = layer_spec(entry)
     cls = get_method(entry["method"])
     weight = torch.empty(entry["out_features"], entry["in_features"], device="meta")
     part = cls(weight, adapter_dtype=spec["adapter_dtype"], **spec["options"])
@@ -89,9 +44,9 @@ def _check_layer_group(name: str, dirs: list, entries: list[dict], module,
                        check_base: bool) -> None:
     for directory, entry in zip(dirs, entries):
         try:
-            _check_layer(name, entry, module)
+            check_layer(name, entry, module)
             if check_base:
-                _check_fingerprint(name, entry, base_fingerprint(module))
+                check_fingerprint(name, entry, base_fingerprint(module))
         except AdapterFileError as e:
             raise AdapterFileError(f"{directory}: {e}") from None
         if entry.get("quantize") or entry.get("base_quant") or is_linear4bit(module):
@@ -140,7 +95,7 @@ def fuse_adapters(model: nn.Module, directories: Sequence[str | os.PathLike],
     if adapter_layers(bare):
         raise ValueError("model already has adapter layers; fuse_adapters loads into the plain "
                          "pre-trained model")
-    saved = [_read(d) for d in dirs]
+    saved = [read_adapter(d) for d in dirs]
     names = list(saved[0][0])
     for directory, (layers, _) in zip(dirs[1:], saved[1:]):
         if set(layers) != set(names):

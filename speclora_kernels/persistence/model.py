@@ -178,7 +178,7 @@ def _expected_tensors(directory, layers: dict, key=_legacy_key) -> dict:
     return expected
 
 
-def _check_layer(name: str, entry: dict, module) -> None:
+def check_layer(name: str, entry: dict, module) -> None:
     """Raise ``AdapterFileError`` if the saved layer ``entry`` cannot belong to ``module``."""
     if module is None:
         raise AdapterFileError(f"the adapter has layer {name!r}, which the model lacks")
@@ -206,13 +206,41 @@ def _check_layer(name: str, entry: dict, module) -> None:
                                    f"base, the model's layer is a {type(module).__name__}")
 
 
-def _check_fingerprint(name: str, entry: dict, fingerprint: str | None) -> None:
+def check_fingerprint(name: str, entry: dict, fingerprint: str | None) -> None:
     want = entry.get("base_fingerprint")
     if want and fingerprint and want != fingerprint:
         raise AdapterFileError(
             f"{name}: the adapter belongs to a different pre-trained weight (base fingerprint "
             f"{want[:12]}..., model's {fingerprint[:12]}...); load it into the model it was "
             f"trained on, or pass check_base=False")
+
+
+def read_adapter(directory) -> tuple[dict, dict]:
+    """``(layers, tensors)`` of a directory :func:`save_adapter` wrote, checked as
+    :func:`load_adapter` checks it (schema, tensor table, checksum), without a model:
+    ``layers`` the per-layer configs, ``tensors[layer][tensor]`` (a shared PiCa ``M`` under
+    every layer holding it). For callers that combine saved adapters (``fuse_adapters``)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory (an adapter directory written "
+                                f"by save_adapter)")
+    if not _has_embedded_config(directory):
+        raise AdapterFileError(f"{directory}: not written by save_adapter, whose files carry "
+                               f"every layer's options and base fingerprint (load PEFT's with "
+                               f"load_adapter and save_adapter it)")
+    file, config = open_container(os.path.join(directory, WEIGHTS_NAME), None,
+                                  format=ADAPTER_FORMAT, version=MODEL_FORMAT_VERSION, extra=True)
+    with file:
+        check_schema(config, _MODEL_SCHEMA_V2, f"{file.path} (embedded config)")
+        layers = config["layers"]
+        key = _legacy_key if config["format_version"] == 1 else _peft_key_of(layers)
+        file.check(_expected_tensors(file.path, layers, key), "the layers in its config")
+        flat = read_verified(file)
+    tensors = {}
+    for name, entry in layers.items():
+        names = check_layer_entry(entry, f"{directory}: layer {name!r}", MODEL_LAYER_SCHEMA)
+        owner = entry["share_with"]
+        tensors[name] = {t: flat[key(owner if t == "M" and owner else name, t)] for t in names}
+    return layers, tensors
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *,
@@ -288,7 +316,7 @@ def _load(model, directory, check_base: bool, verbose: bool) -> nn.Module:
             raise AdapterFileError(f"the model has adapter layers the file lacks: {extra[:5]}")
         # Structure first (missing layers, shapes, options), then the bases' fingerprints.
         for name, entry in config["layers"].items():
-            _check_layer(name, entry, modules.get(name))
+            check_layer(name, entry, modules.get(name))
         # Model order, so that a PiCa layer's M owner is adapted before the layers sharing it.
         order = {name: i for i, name in enumerate(modules)}
         entries = dict(sorted(config["layers"].items(), key=lambda item: order[item[0]]))
@@ -300,7 +328,7 @@ def _load(model, directory, check_base: bool, verbose: bool) -> nn.Module:
             else:
                 fingerprint = fingerprints[name] = base_fingerprint(module)
             if check_base:
-                _check_fingerprint(name, entry, fingerprint)
+                check_fingerprint(name, entry, fingerprint)
         owners = _shared_owner(existing)
         for name in existing:
             saved = entries[name].get("share_with")
@@ -308,7 +336,7 @@ def _load(model, directory, check_base: bool, verbose: bool) -> nn.Module:
                 raise AdapterFileError(f"{name}: the adapter shares M with {saved!r} but the "
                                        f"model's layer shares it with {owners.get(name)!r}")
         tensors = read_verified(file)  # checksum verified; the model is still unchanged
-    fresh = {name: _spec(entry) for name, entry in entries.items()
+    fresh = {name: layer_spec(entry) for name, entry in entries.items()
              if not isinstance(modules[name], AdapterLinear)}
     if fresh and is_sharded(bare):
         raise ValueError(f"{sorted(fresh)[:3]}...: the model is sharded (FSDP2) but not adapted; "
@@ -354,7 +382,7 @@ def _check_peft_copy(json_path: str, committed: dict | None, st_path: str) -> No
                       f"config", RuntimeWarning, stacklevel=4)
 
 
-def _spec(entry: dict) -> dict:
+def layer_spec(entry: dict) -> dict:
     """The ``adapt_layers`` spec that rebuilds a saved layer: its method with every saved
     option (one missing from an older file, or null, takes its default)."""
     method = get_method(entry["method"])
