@@ -86,7 +86,13 @@ def count_forward(out_f: int, in_f: int, rank: int) -> dict:
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> dict:
     """Distinct storages autograd saves during ``module(x)``: bytes held by the module's own
     parameters/buffers and bytes of everything else (kept alive only for backward)."""
-    own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    from ..quant import NF4Tensor
+
+    held = list(module.parameters()) + list(module.buffers())
+    # an NF4 base is a wrapper tensor (NF4Tensor) with no storage of its own: its inner ones
+    plain = [inner for t in held
+             for inner in (t.inner_tensors().values() if isinstance(t, NF4Tensor) else (t,))]
+    own = {t.untyped_storage().data_ptr() for t in plain}
     storages = {}
 
     def pack(t):
