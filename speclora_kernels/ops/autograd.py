@@ -297,7 +297,7 @@ class MixedAdapterFunction(torch.autograd.Function):
             d, u = down.to(x.dtype).to(acc), up.to(x.dtype).to(acc)
             rows = scale.to(acc)[index]
             g = dya @ u
-            t = xa @ d.T
+            t = xa @ d.T if need["up"] or need["scale"] else None  # only their gradients read t
             grads = {}
             if need["x"]:
                 w = (base[0] if ctx.nf4 is None else

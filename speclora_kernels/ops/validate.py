@@ -67,7 +67,7 @@ def check_adapter_inputs(x, weight, bias, down, scale, up, dropout_p=0.0, dropou
 
 def check_scale_index(x, scale, scale_index, rank: int) -> None:
     """A mixed-adapter batch: ``scale`` is a (tables x R) table and ``scale_index`` gives each
-    row of x (its M = x.numel() / in_features rows, flat or shaped ``x.shape[:-1]``) the
+    row of x (its M rows, flat or shaped ``x.shape[:-1]``) the
     table row its ranks are scaled by. Checking the values reads them on the host (a GPU
     synchronisation), so an index that passed is marked as checked until it is modified
     in place: a model's layers reuse one index tensor and synchronise once."""
@@ -75,7 +75,7 @@ def check_scale_index(x, scale, scale_index, rank: int) -> None:
         raise TypeError(f"scale_index must be a torch.Tensor, got {type(scale_index).__name__}")
     if scale_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"scale_index must be int32 or int64, got {scale_index.dtype}")
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    rows = math.prod(x.shape[:-1])
     if scale_index.numel() != rows or scale_index.dim() not in (1, x.dim() - 1):
         raise ValueError(f"scale_index must hold one table row per row of x: shape ({rows},) "
                          f"or {tuple(x.shape[:-1])}, got {tuple(scale_index.shape)}")
