@@ -18,13 +18,6 @@ import pytest
 
 KERNELS = {"fwd_kernel", "fwd_splitk_kernel", "proj_kernel", "dx_kernel", "factor_grad_kernel",
            "dequant_kernel"}
-# Known spills of the NF4 span decoder's small tiles (8-16 bytes; open work: prune or
-# retile them). Listed so that the test fails on any new failure and on a fixed one.
-KNOWN_FAILURES = {
-    ("dx_kernel", "decode-nf4-oddk", "bf16", "32x64x64 g1 w4 s4", 80),
-    ("dx_kernel", "decode-nf4-oddk", "fp16", "32x64x64 g1 w4 s4", 80),
-    ("fwd_kernel", "decode-nf4-oddk", "fp32", "32x32x32 g1 w4 s3", 90),
-}
 
 
 @pytest.mark.slow
@@ -36,16 +29,12 @@ def test_compile_report_quick(tmp_path):
         [sys.executable, "-m", "speclora_kernels.tools.compile_report", "--quick",
          "--jobs", "2", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == (1 if KNOWN_FAILURES else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     compiled = [r for r in rows if r["status"] == "ok"]
     assert {r["kernel"] for r in compiled} == KERNELS
     assert {r["arch"] for r in compiled} == {80, 90}
-    failed = {(r["kernel"], r["scenario"], r["dtype"], r["config"], r["arch"]) for r in rows
-              if not (r["status"] == "ok" or r["status"].startswith("pruned"))}
-    assert failed == KNOWN_FAILURES
-    assert all(r["status"] == "FAIL: spills" for r in rows
-               if (r["kernel"], r["scenario"], r["dtype"], r["config"], r["arch"]) in failed)
+    assert all(r["status"] == "ok" or r["status"].startswith("pruned") for r in rows)
     for r in compiled:
         assert r["spills"] == 0 and 0 < r["regs"] <= 255, r
         assert r["smem"] <= r["smem_limit"] and (r["smem"] > 0 or r["kernel"] == "dequant_kernel"), r
@@ -53,7 +42,7 @@ def test_compile_report_quick(tmp_path):
     big_tiles = [r for r in compiled if r["arch"] == 90 and r["kernel"] in ("fwd_kernel",
                  "dx_kernel") and int(r["config"].split("x")[0]) >= 64]
     assert big_tiles and all(r["mma"] == "HGMMA" for r in big_tiles)
-    assert f"{len(KNOWN_FAILURES)} failed" in proc.stdout
+    assert " 0 failed" in proc.stdout
     # the segmented forward and dx (large M, one launch each) are among them, HGMMA above
     segmented = {(r["kernel"], r["arch"]) for r in compiled if "segmented" in r["variant"]}
     assert segmented == {(k, a) for k in ("fwd_kernel", "dx_kernel") for a in (80, 90)}
@@ -65,3 +54,19 @@ def test_compile_report_quick(tmp_path):
     others = {(r["kernel"], r["arch"]) for r in compiled
               if "nf4" in r["variant"] and r["kernel"] in ("fwd_splitk_kernel", "dequant_kernel")}
     assert others == {(k, a) for k in ("fwd_splitk_kernel", "dequant_kernel") for a in (80, 90)}
+
+
+def test_every_launch_has_a_config_the_rules_admit():
+    """Planned on "meta" tensors in a process without the interpreter (nothing compiled):
+    every launch of every scenario and dtype keeps at least one config, so none falls back
+    to a config the report never built (one output column, dense and NF4, did)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from speclora_kernels.tools import compile_report as c; "
+            "jobs, pruned, _ = c.plan([80, 90], list(c.DTYPES), c.SCENARIOS); "
+            "print(len(jobs), sorted({j.scenario for j in jobs} & {'decode-n1', 'decode-nf4-n1'}), "
+            "[(r.kernel, r.scenario, r.dtype) for r in pruned if r.status == 'FAIL: no config fits'])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs, rest = proc.stdout.split(" ", 1)
+    assert int(jobs) > 1000 and rest.strip() == "['decode-n1', 'decode-nf4-n1'] []", proc.stdout

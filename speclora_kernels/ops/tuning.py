@@ -36,7 +36,7 @@ def _gemm_configs(out: str, red: str) -> list[triton.Config]:
         (16, 64, 128, 1, 4, 4),
         (16, 128, 128, 1, 8, 3),
         (16, 256, 64, 1, 8, 3),
-        (32, 64, 64, 1, 4, 4),
+        (32, 64, 64, 1, 8, 4),  # at 4 warps the NF4 span decoder spills 16-176 bytes
         (32, 128, 64, 1, 4, 4),
         (64, 64, 64, 8, 4, 4),
         (64, 128, 32, 8, 4, 4),
@@ -50,9 +50,9 @@ def _gemm_configs(out: str, red: str) -> list[triton.Config]:
     ]
     # 4-byte activations: a 32-deep K step, as fp32 operands take twice the registers and
     # shared memory of 16-bit ones (the 16-bit tiles spill in fp32: tools/compile_report)
-    # (32 x 32 x 32: the NF4 span decoder's; no 128 x 128: it spills at fp32 accuracy)
+    # (32 x 32 x 32: the NF4 span decoder's, 8 warps as it spills at 4; no 128 x 128)
     fp32 = [(16, 64, 32, 1, 4, 3), (16, 128, 32, 1, 8, 3), (16, 256, 32, 1, 8, 3),
-            (32, 32, 32, 1, 4, 3), (32, 64, 32, 1, 4, 3), (32, 128, 32, 1, 8, 3),
+            (32, 32, 32, 1, 8, 3), (32, 64, 32, 1, 4, 3), (32, 128, 32, 1, 8, 3),
             (64, 64, 32, 8, 4, 3), (64, 128, 32, 8, 8, 3), (128, 64, 32, 8, 8, 3)]
     return ([triton.Config({"BLOCK_M": bm, out: bo, red: bk, "GROUP_M": gm}, num_warps=w,
                            num_stages=s) for bm, bo, bk, gm, w, s in tiles]
@@ -84,6 +84,9 @@ def _dtype_fits(cfg, a, operand: str) -> bool:  # a config serves 16-bit or fp32
     return serves_fp32(cfg) == (a[operand].element_size() == 4)
 
 
+def _spans(tile: int, dim: int) -> bool:
+    """Tiles no wider than the problem, or 64 where it is narrower (one output column)."""
+    return tile <= max(pow2(dim), 64)
 
 
 def _row_block_fits(block_m: int, M: int) -> bool:
@@ -108,9 +111,9 @@ def _nf4_fits(cfg, a, block_out: int, block_n: int, block_k: int, dx: bool) -> b
     tile, see ``_rows_for``); forward at 4 warps, at most 32 accumulator elements per thread
     beside it (64 x 128 x 32 spilled 16 bytes on sm_80 once the epilogue scaled U in fp32).
     Row decoder: fp32 accumulator plus decoded weight elements at
-    most ``NF4_ROWS_ELEMENTS`` per thread (drops the 128 x 256 x 64 tile), and in dx no
+    most ``NF4_ROWS_ELEMENTS`` per thread (drops the 128 x 256 x 64 tile), in dx no
     128 x 128 weight tile whose row segments span two scale blocks (8 bytes of spill on
-    sm_80 at 8 warps).
+    sm_80 at 8 warps), in the unfused forward no 16 x 256 tile.
     """
     if not a.get("NF4"):
         return True
@@ -127,6 +130,8 @@ def _nf4_fits(cfg, a, block_out: int, block_n: int, block_k: int, dx: bool) -> b
         return decoded <= NF4_SPAN_ELEMENTS * threads
     if dx and block_n >= 128 and block_k >= 128 and block_k > a["NF4_BLOCKSIZE"]:
         return False
+    if not dx and not a["FUSE_DOWN"] and cfg.kwargs["BLOCK_M"] == 16 and block_out == 256:
+        return False  # spills 8 bytes at 128 registers (sm_80 on triton 3.9, sm_90 on 3.6)
     return cfg.kwargs["BLOCK_M"] * block_out + decoded <= NF4_ROWS_ELEMENTS * threads
 
 
@@ -146,7 +151,7 @@ def _fwd_fits(cfg, a) -> bool:
     b = cfg.kwargs
     bm, bn, bk = b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"]
     ok = (_dtype_fits(cfg, a, "x_ptr") and _row_block_fits(bm, _rows_for(a))
-          and _one_row_tile(cfg, a) and bn <= pow2(a["N"]) and bk <= pow2(a["K"])
+          and _one_row_tile(cfg, a) and _spans(bn, a["N"]) and _spans(bk, a["K"])
           and _nf4_fits(cfg, a, bn, bn, bk, dx=False))
     if a["FUSE_DOWN"] and a["HAS_DROPOUT"]:  # x tile + its keep-mask beside the accumulator
         ok = ok and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
@@ -183,12 +188,12 @@ def _dx_fits(cfg, a) -> bool:
     b = cfg.kwargs
     bm, bn, bk = b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"]
     ok = (_dtype_fits(cfg, a, "dy_ptr") and _row_block_fits(bm, _rows_for(a))
-          and _one_row_tile(cfg, a) and bk <= pow2(a["K"]) and bn <= pow2(a["N"])
+          and _one_row_tile(cfg, a) and _spans(bk, a["K"]) and _spans(bn, a["N"])
           and _nf4_fits(cfg, a, bk, bn, bk, dx=True))
     if a["HAS_DROPOUT"]:  # two fp32 output accumulators (clean, dropped): <= 128 regs/thread
         ok = ok and 2 * b["BLOCK_M"] * b["BLOCK_K"] <= 128 * 32 * cfg.num_warps
-        if bm >= 64 and a["dy_ptr"].element_size() == 4:  # fp32: only 64 rows at 8 warps
-            ok = ok and bm == 64 and cfg.num_warps == 8
+        if a["dy_ptr"].element_size() == 4:  # fp32: 64 rows at 8 warps; N = 1: 256 spills 8 B
+            ok = ok and (bm < 64 or (bm == 64 and cfg.num_warps == 8)) and (a["N"] > 1 or bk < 256)
     if a["SEGMENTED"]:  # 8 warps: at 4, 64 x 64 x 64 spills 8 bytes on sm_80 even at R = 16
         return ok and cfg.num_warps == 8 and _segment_tile_fits(cfg, a, b["BLOCK_K"])
     return ok and (not a["FUSE_UP"] or a["R"] <= _rank_limit(a, b["BLOCK_K"]))
@@ -212,8 +217,12 @@ _PROJ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_
 
 def _proj_fits(cfg, a) -> bool:
     b = cfg.kwargs
-    # the (BLOCK_K, BLOCK_R) dot operand stays within 128 registers' worth per thread
-    wide = a["BLOCK_R"] >= 128 and a["a_ptr"].element_size() == 4  # fp32 R 128: 32-deep K
+    # the (BLOCK_K, BLOCK_R) dot operand stays within 128 registers' worth per thread; fp32
+    # R 128: 32-deep K; fp32 64 x 32 at R 64 with the keep-mask spills 48 bytes (sm_80, 3.6)
+    fp32 = a["a_ptr"].element_size() == 4
+    wide = a["BLOCK_R"] >= 128 and fp32
+    if fp32 and a["HAS_DROPOUT"] and a["BLOCK_R"] >= 64 and b["BLOCK_M"] >= 64 and cfg.num_warps == 4:
+        return False
     return (_dtype_fits(cfg, a, "a_ptr") and _row_block_fits(b["BLOCK_M"], a["M"])
             and b["BLOCK_K"] <= pow2(a["K"]) and (not wide or b["BLOCK_K"] <= 32)
             and b["BLOCK_K"] * a["BLOCK_R"] <= 128 * 32 * cfg.num_warps)
@@ -225,13 +234,15 @@ def _proj_smem(cfg, a) -> int:
     return cfg.num_stages * stage * a["a_ptr"].element_size()
 
 
+# 16 x 128 at 3 stages, 64 x 64 at 4, fp32 64 x 32 at 8 warps: otherwise each spills 8 bytes
+# on sm_80 at R = 16 (compile_report, triton 3.9; the fp32 one on 3.6)
 _FACTOR_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-                   for bm, bc, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 3),
+                   for bm, bc, w, s in [(16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4),
                                         (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
                    ] + _fp32([triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w,
                                             num_stages=s)
                               for bm, bc, w, s in [(16, 64, 4, 3), (32, 64, 4, 3),
-                                                   (64, 32, 4, 3)]])
+                                                   (64, 32, 8, 3)]])
 
 
 def _factor_fits(cfg, a) -> bool:
@@ -249,11 +260,12 @@ def _factor_smem(cfg, a) -> int:
 
 # split-K decode: the column tile (BLOCK_N) and row tile (BLOCK_M) come from the plan
 # 8 warps: at 4 the 16-bit split-K tiles spill 16-40 bytes (tools/compile_report); 128 at
-# 2 stages fits sm_80's shared memory (NF4 without double quant needs it there)
+# 2 stages fits sm_80's shared memory (NF4 without double quant needs it there); fp32 32
+# deep at 2 stages: at 3, 128 columns at R = 64 spill 8 bytes on sm_90 (triton 3.6)
 _SPLITK_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bk, w, s in [(32, 8, 4), (64, 8, 4), (128, 8, 3), (128, 8, 2)]
                    ] + _fp32([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-                              for bk, w, s in [(32, 8, 3), (64, 8, 3)]])
+                              for bk, w, s in [(32, 8, 2), (64, 8, 3)]])
 
 
 def _splitk_fits(cfg, a) -> bool:
@@ -284,11 +296,6 @@ def _splitk_smem(cfg, a) -> int:
     return (cfg.num_stages * stage + epilogue) * a["x_ptr"].element_size()
 
 
-def _splitk_grid(a):
-    tiles = cdiv(a["M"], a["BLOCK_M"]) * cdiv(a["N"], a["BLOCK_N"])
-    return (tiles * a["n_splits"],)
-
-
 _DEQUANT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
                     for bn, bk, w in [(16, 32, 4), (16, 256, 4), (32, 64, 4), (32, 128, 4),
                                       (64, 128, 4), (64, 256, 8)]]
@@ -297,13 +304,8 @@ _DEQUANT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, n
 def _dequant_fits(cfg, a) -> bool:
     """Tiles no wider than the weight; the span decoder's register budget (see ``_nf4_fits``)."""
     b = cfg.kwargs
-    if b["BLOCK_N"] > pow2(a["N"]) or b["BLOCK_K"] > pow2(a["K"]):
-        return False
-    return a["NF4_ROWS"] or b["BLOCK_N"] * b["BLOCK_K"] <= NF4_SPAN_ELEMENTS * 32 * cfg.num_warps
-
-
-def _dequant_grid(a):
-    return (cdiv(a["N"], a["BLOCK_N"]) * cdiv(a["K"], a["BLOCK_K"]),)
+    return b["BLOCK_N"] <= pow2(a["N"]) and b["BLOCK_K"] <= pow2(a["K"]) and (
+        a["NF4_ROWS"] or b["BLOCK_N"] * b["BLOCK_K"] <= NF4_SPAN_ELEMENTS * 32 * cfg.num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,10 +393,7 @@ def stream_capturing() -> bool:
 
 
 def _device(args: dict) -> torch.device:
-    for value in args.values():
-        if isinstance(value, torch.Tensor):
-            return value.device
-    raise ValueError("a kernel launch needs at least one tensor argument")
+    return next(v.device for v in args.values() if isinstance(v, torch.Tensor))
 
 
 class TunedKernel:
@@ -412,8 +411,7 @@ class TunedKernel:
     def __init__(self, fn, configs, key, fits, smem_bytes, grid, rows="M"):
         self.fn, self.configs, self.fits, self.smem_bytes, self.grid = (
             fn, configs, fits, smem_bytes, grid)
-        self.key, self.rows = tuple(key), rows
-        self.name = fn.__name__
+        self.key, self.rows, self.name = tuple(key), rows, fn.__name__
 
     def candidates(self, args: dict, limit: int, configs=None) -> list[triton.Config]:
         """Configs that fit this launch's shape and ``limit`` bytes of shared memory, fewest
@@ -573,12 +571,14 @@ SPLITK = TunedKernel(
     key=["M", "N", "K", "R", "n_splits", "HAS_BIAS", "STORE_T", "HAS_DROPOUT", "ROW_SCALE", "BLOCK_R",
          "BLOCK_N", "DOT_PRECISION", "IDX64", "NF4", "NF4_ROWS", "NF4_BLOCKSIZE",
          "NF4_DOUBLE_QUANT"],
-    fits=_splitk_fits, smem_bytes=_splitk_smem, grid=_splitk_grid)
+    fits=_splitk_fits, smem_bytes=_splitk_smem,
+    grid=lambda a: (cdiv(a["M"], a["BLOCK_M"]) * cdiv(a["N"], a["BLOCK_N"]) * a["n_splits"],))
 
 DEQUANT = TunedKernel(
     dequant_kernel, _DEQUANT_CONFIGS,
     key=["N", "K", "NF4_ROWS", "NF4_BLOCKSIZE", "NF4_DOUBLE_QUANT"], rows="N",
-    fits=_dequant_fits, smem_bytes=lambda cfg, a: 0, grid=_dequant_grid)
+    fits=_dequant_fits, smem_bytes=lambda cfg, a: 0,
+    grid=lambda a: (cdiv(a["N"], a["BLOCK_N"]) * cdiv(a["K"], a["BLOCK_K"]),))
 
 KERNELS = (FWD, PROJ, DX, FACTOR, SPLITK, DEQUANT)
 
