@@ -149,12 +149,21 @@ def test_plan_skips_with_reasons():
     assert roomy.units("dense") == 64 and roomy.get("nf4") is None
     assert dict((n, r) for n, _, r in roomy.skipped)["nf4"] == \
         "skipped: bitsandbytes not importable"
-    no_tests = plan(900, pytest_available=False)
+    no_tests = plan(900, pytest_skip="skipped: tests/ not found beside the package")
     assert no_tests.get("pytest") is None
     assert "tests/ not found" in dict((n, r) for n, _, r in no_tests.skipped)["pytest"]
     d = plan(900).to_dict()
     assert [i["name"] for i in json.loads(json.dumps(d))["items"]][:4] == [
         "ceilings", "dense", "nf4", "cases"]
+
+
+def test_pytest_stage_skipped_without_pytest(monkeypatch):
+    from speclora_kernels.tools.gpu_check import runtime
+
+    assert runtime.pytest_skip() is None  # a checkout with pytest: the stage can run
+    monkeypatch.setattr(runtime, "_have", lambda module: module != "pytest")
+    assert "pytest not importable" in runtime.pytest_skip()
+    assert runtime.run_pytest(10, 1)["status"] == "skipped"  # nothing started
 
 
 def test_timing_registry_feeds_the_planner(monkeypatch):

@@ -56,7 +56,7 @@ def make_plan(args, cores: int, gpus: int):
         cover_cases=len(cases.covering_design()), max_cases=cases.product_size(),
         layer_jobs=len(correctness.LAYER_METHODS) * len(correctness.LAYER_DTYPES),
         forced_configs=len(forced), timing_items=timings.planner_items(),
-        pytest_available=runtime.repo_root() is not None)
+        pytest_skip=runtime.pytest_skip())
     return plan, costs, forced
 
 

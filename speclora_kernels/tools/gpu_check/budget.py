@@ -135,12 +135,13 @@ def workers_for(cores: int) -> int:
 
 def make_plan(budget: float, cores: int, gpus: int, costs: dict | None = None, *,
               cover_cases: int, max_cases: int, layer_jobs: int, forced_configs: int,
-              timing_items: list = (), pytest_available: bool = True) -> Plan:
+              timing_items: list = (), pytest_skip: str | None = None) -> Plan:
     """The checks that fit ``budget`` seconds, in priority order (see the module docstring).
 
     ``timing_items``: ``(name, points, seconds per point, prewarm jobs, skip reason or
     None, key points, prewarm jobs of the key points)`` per registered timing pair, in the
-    order they should be measured (``timings.planner_items``).
+    order they should be measured (``timings.planner_items``). ``pytest_skip``: why the
+    pytest stage cannot run here (``runtime.pytest_skip``), or None.
     """
     c = {**DEFAULT_COSTS, **(costs or {})}
     workers = workers_for(cores)
@@ -232,8 +233,8 @@ def make_plan(budget: float, cores: int, gpus: int, costs: dict | None = None, *
         needs = units * cost / workers if stage == "pool" else cost
         skipped.append((name, check, f"budget: needs ~{needs:.0f} s, {left():.0f} s left"))
 
-    if not pytest_available:
-        skipped.append(("pytest", "pytest", "skipped: tests/ not found beside the package"))
+    if pytest_skip:
+        skipped.append(("pytest", "pytest", pytest_skip))
     elif left() >= c["pytest_min"]:
         seconds = min(c["pytest"], left())
         serial += seconds

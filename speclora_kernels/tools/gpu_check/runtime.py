@@ -282,6 +282,16 @@ def repo_root() -> Path | None:
     return root if all((root / f).is_file() for f in TEST_FILES) else None
 
 
+def pytest_skip() -> str | None:
+    """Why the op test files cannot run here (no checkout beside the package, no pytest: a
+    GPU machine without network may have neither), or None."""
+    if repo_root() is None:
+        return "skipped: tests/ not found beside the package"
+    if not _have("pytest"):
+        return "skipped: pytest not importable (pip install pytest, or carry its wheel)"
+    return None
+
+
 def _have(module: str) -> bool:
     import importlib.util
 
@@ -331,9 +341,10 @@ def _stop_session(proc, sig) -> None:
 
 def run_pytest(limit_s: float, workers: int) -> dict:
     """The op test files on CUDA, in a subprocess stopped after ``limit_s`` seconds."""
+    reason = pytest_skip()
+    if reason:
+        return {"status": "skipped", "reason": reason}
     root = repo_root()
-    if root is None:
-        return {"status": "skipped", "reason": "skipped: tests/ not found beside the package"}
     cmd, deselected = pytest_command(workers)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # one config per kernel, as the correctness cases (autotuning every new key would
