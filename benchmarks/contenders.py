@@ -333,6 +333,30 @@ BASELINE = {"linear": None, "peft": None, "bnb_peft": None, "reference": "peft",
 """Who each contender's speed-up is measured against (same weight format)."""
 
 
+# ------------------------------------------------------------ the contenders, predicted
+def peft_launches(ops, tokens: int, k_in: int, n_out: int, rank: int, element_size: int) -> list:
+    """``tools.gpu_model`` launches of PEFT's op sequence (``tools.floors.
+    peft_lora_forward_ops``, bytes counted per op) for the counted table: its GEMMs as cuBLAS
+    launches (``gpu_model.cublas``: GEMV efficiency at decode, tile re-reads from L2 as
+    ours), bnb's fused 4-bit kernel at ``gpu_model.BNB_GEMV_4BIT``, every other op (bnb's
+    dequantize, PyTorch's elementwise kernels) streaming at ``gpu_model.STREAM``; each
+    launch at least ``Model.min_launch`` (the efficiencies' sources are stated there)."""
+    from speclora_kernels.tools import gpu_model as gm
+
+    gemms = {"base linear x@W.T+b": (n_out, k_in), "lora_A x@A.T": (rank, k_in),
+             "lora_B h@B.T": (n_out, rank)}
+    out = []
+    for op in ops:
+        if op.name in gemms:
+            out.append(gm.cublas(op.name, tokens, *gemms[op.name], op.bytes, op.flops,
+                                 element_size))
+        else:
+            fused = op.name.startswith("bnb gemm_4bit")
+            out.append(gm.contender(op.name, op.bytes, op.flops,
+                                    gm.BNB_GEMV_4BIT if fused else gm.STREAM))
+    return out
+
+
 # ------------------------------------------------------------------------- the check
 def tolerance(dtype: torch.dtype) -> float:
     """Relative Frobenius error allowed against the float64 reference."""

@@ -9,18 +9,18 @@ bytes counted per op). ``base floor`` is the base matmul alone (``nn.Linear``; f
 an NF4 base) and ``op floor`` the whole op, each at its floor (every operand read once,
 result written once, one launch).
 
-Every time in this table is *predicted* for an H100, none measured. ``pred_us`` comes from
-``speclora_kernels.tools.gpu_model`` (per launch: its counted programs against 132 SMs, a
-per-SM bandwidth ceiling, the counted bytes requested beyond the distinct ones as L2
-re-reads, the NF4 decode instructions per element read from the compiled sm_90 kernels,
-2 µs per launch; ``tools/gpu_model.py`` states every figure and its source). Beside it,
-``pred_us_bandwidth_only`` is the model the tables used before (``speclora_kernels.
-hardware``'s ceilings, 3.0 TB/s and 800 TFLOP/s bf16, plus 2 µs per launch:
-``max(bytes/BW, FLOPs/peak) + 2 µs`` per kernel on distinct bytes, ``tools.floors.
-predict_h100_serial``), which assumes every launch fills the GPU; ``pred_us_requested``
-charges every requested byte to DRAM under that model, the pessimistic end. PEFT's ops and
-the floors are cuBLAS / bitsandbytes launches that choose their own grids: they are
-modelled as filling the GPU (``tools.floors.predict_ops``), the same under both models.
+Every time in this table is *predicted* for an H100 by ``speclora_kernels.tools.gpu_model``
+(the only predictor; ``tools/gpu_model.py`` states every figure and its source), none
+measured. The split-K decode forward is predicted from its shape (``ops.plan.
+decode_launch``), as the plan's own choice and ``tools.plan_report`` predict it; other
+launches from their counts (``model_launches``). PEFT's ops and the floors are cuBLAS /
+bitsandbytes / PyTorch launches that choose their own grids: modelled as filling the GPU
+at the efficiencies ``gpu_model`` states, cuBLAS's tile re-reads from L2 like ours
+(``contenders.peft_launches``).
+
+The interpreter runs the configs an H100 runs (``gpu_model.h100_config``: the heuristic
+choice of ``SPECLORA_TUNING=heuristic`` on 132 SMs, under ``tuning.restricted_configs``),
+not its own fewest-programs choice, so the counted re-reads are the GPU's.
 
 Where the interpreter cannot afford the real shape (M*N*K above ``REAL_SHAPE_MAX_MACS``:
 the LLM shapes from M = 512 on), the op runs at reduced K (``--k-run``) and, beyond the
@@ -31,9 +31,7 @@ dry run must pick the same tile configs as at the real shape, or the row reports
 reduced shape as counted, marked ``not extrapolated``. The forward's and the backward's
 plans depend on M (the segmented forward and dx only from M where they fill the GPU), so
 the real shape's plan is forced at the reduced points
-(``ops.plan.forced_plan``) and checked there like the tile configs. The
-interpreter runs the config with the fewest programs, not the one a GPU's autotuner would
-pick.
+(``ops.plan.forced_plan``) and checked there like the tile configs.
 
 Activations run in fp16 (bytes identical to bf16; the interpreter's bf16 ``tl.dot`` is
 wrong, triton#11584, though counts would not change).
@@ -114,36 +112,34 @@ def totals(per_kernel: dict) -> dict:
     return {f: sum(k[f] for k in per_kernel.values()) for f in FIELDS}
 
 
+GRADS = (True, True, False, True)
+"""Gradients the counted backward needs (dx, dD, ds, dU): s is frozen."""
+
+
+def recorded(tokens: int, n_out: int, k_in: int, rank: int, direction: str, bias: bool,
+             nf4: bool) -> list:
+    """(TunedKernel, args) of every launch of one call, planned on meta tensors."""
+    from speclora_kernels.tools.gpu_model import meta_launches
+
+    return meta_launches(tokens, n_out, k_in, rank, nf4, direction == "backward", bias, DTYPE,
+                         GRADS)
+
+
 def launch_configs(tokens: int, n_out: int, k_in: int, rank: int, direction: str,
-                   bias: bool):
-    """(kernel, chosen config) of every launch, from a dry run on meta tensors, or None
-    when the kernels module offers no dry run. Extrapolation is exact only if these agree
-    between the reduced and the real shape."""
-    try:
-        from speclora_kernels.ops import launch, tuning
-        record, pick, limit = tuning.record_launches, tuning.TunedKernel.candidates, \
-            tuning.smem_limit
-    except (ImportError, AttributeError):
-        return None
-    meta = lambda *shape, dtype=DTYPE: torch.empty(*shape, dtype=dtype, device="meta")
-    x, w, d, u = meta(tokens, k_in), meta(n_out, k_in), meta(rank, k_in), meta(n_out, rank)
-    s = meta(rank, dtype=torch.float32)
-    with record(dry_run=True) as launches:
-        if direction == "forward":
-            launch.adapter_forward(x, w, meta(n_out) if bias else None, d, s, u, 0, 0.0, 0, False)
-        else:
-            t = meta(tokens, rank, dtype=torch.float32)
-            launch.adapter_backward(meta(tokens, n_out), x, w, d, s, u, t, 0, 0.0, 0, rank,
-                                    True, True, False, True)
-    return [(k.name, pick(k, a, limit(a))[0].kwargs, a.get("SEGMENTED"), a.get("n_segments"))
-            for k, a in launches]
+                   bias: bool, nf4: bool = False):
+    """(kernel, chosen config) of every launch, from a dry run on meta tensors.
+    Extrapolation is exact only if these agree between the reduced and the real shape."""
+    from speclora_kernels.tools.gpu_model import h100_config
+
+    return [(k.name, h100_config(k, a).kwargs, a.get("SEGMENTED"), a.get("n_segments"))
+            for k, a in recorded(tokens, n_out, k_in, rank, direction, bias, nf4)]
 
 
 def segments_at(tokens: int, n_out: int, k_in: int, rank: int, direction: str,
                 bias: bool) -> tuple[int, int]:
     """(column segments, output tile width) of the segmented forward or dx launch at this
     shape, (0, 0) if none, from a dry run on meta tensors."""
-    plan = launch_configs(tokens, n_out, k_in, rank, direction, bias) or ()
+    plan = launch_configs(tokens, n_out, k_in, rank, direction, bias)
     return next(((n, cfg.get("BLOCK_N" if name == "fwd_kernel" else "BLOCK_K"))
                  for name, cfg, seg, n in plan if seg), (0, 0))
 
@@ -219,16 +215,12 @@ def count_extrapolated(shape: Shape, tokens: int, rank: int, direction: str, nf4
 
     def plan_at(pt):
         return launch_configs(pt[1] if len(pt) > 1 else tokens, shape.out_features, pt[0],
-                              rank, direction, shape.bias)
+                              rank, direction, shape.bias, nf4)
 
-    configs = {}
-    if not nf4:
-        with pinned_plan(segments):
-            configs = {pt: plan_at(pt) for pt in corners + [check]}
-        configs[real] = plan_at(real)
-    if not configs or any(c is None for c in configs.values()):
-        label += " (configs unchecked)"
-    elif len({repr(c) for c in configs.values()}) != 1:
+    with pinned_plan(segments):
+        configs = {pt: plan_at(pt) for pt in corners + [check]}
+    configs[real] = plan_at(real)
+    if len({repr(c) for c in configs.values()}) != 1:
         problems.append("tile configs differ from the real shape's")
     if problems:
         k_in, m = check[0], check[1] if len(check) > 1 else tokens
@@ -243,69 +235,75 @@ DECODING_KERNELS = ("dequant_kernel", "fwd_kernel", "fwd_splitk_kernel", "dx_ker
 W once for the GEMMs after it), else the GEMM kernel (one row tile: each element once)."""
 
 
-def model_launches(per_kernel: dict, nf4: bool, n_out: int, k_in: int) -> list:
-    """``tools.gpu_model`` launches of one call from its counted figures: per launch the
-    counted programs, distinct bytes (DRAM), bytes requested beyond them (L2) and dot
-    FLOPs; on an NF4 base the kernel that decodes W decodes its ``n_out * k_in`` elements."""
-    from speclora_kernels.tools.gpu_model import Launch
+def model_launches(per_kernel: dict, launches: list, nf4: bool, n_out: int, k_in: int) -> list:
+    """``tools.gpu_model`` launches of one call whose recorded ``launches`` (TunedKernel,
+    args) were counted into ``per_kernel``. A launch ``plan.decode_launch`` describes (the
+    split-K decode forward) is predicted from its shape and H100 config, exactly as the plan
+    and ``tools.plan_report`` predict it; any other from its counts
+    (``gpu_model.counted_launch``): programs, distinct bytes, bytes requested beyond them,
+    dot FLOPs; on an NF4 base the kernel that decodes W decodes ``n_out * k_in`` elements
+    (with their level-table gathers); a factor-gradient launch's split partials
+    (``gpu_model.split_scratch``) stay in L2."""
+    from speclora_kernels.tools import gpu_model as gm
 
     decoder = next((name for name in DECODING_KERNELS if name in per_kernel), None) if nf4 \
         else None
-    launches = []
+    out = []
     for name, k in per_kernel.items():
+        calls = [(kernel, args) for kernel, args in launches if kernel.name == name]
+        shaped = [gm.recorded_launch(kernel, args) for kernel, args in calls]
+        if len(shaped) == k["launches"] and all(shaped):
+            out += shaped
+            continue
         n = k["launches"]
+        decoded = n_out * k_in if name == decoder else 0.0
+        rows = calls[0][1].get("NF4_ROWS", True) if calls else True
+        scratch, serial = gm.split_scratch(*calls[0]) if calls else (0, 0)
         unique = k["unique_load_bytes"] + k["unique_store_bytes"]
         requested = k["load_bytes"] + k["store_bytes"]
-        launches += [Launch(name, k["programs"] // n, unique / n, (requested - unique) / n,
-                            k["dot_flops"] / n, n_out * k_in if name == decoder else 0.0)] * n
-    return launches
-
-
-def _prediction(nbytes: int, flops: int, launches: int) -> dict:
-    from speclora_kernels.tools.floors import predict_h100
-
-    p = predict_h100(nbytes, flops, launches)
-    return {"pred_us": p.us, "bound": p.bound}
+        out += [gm.counted_launch(name, k["programs"] // n, unique / n, requested / n,
+                                  k["dot_flops"] / n, decoded, gm.nf4_gathers(decoded, rows),
+                                  scratch, serial)] * n
+    return out
 
 
 def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
              k_run: tuple[int, int, int] = (256, 512, 768),
              m_run: tuple[int, int, int] = (512, 1024, 1536)) -> list[dict]:
     """Fused (counted), PEFT / bnb+PEFT (op sequence), nn.Linear and op floors."""
+    from speclora_kernels.ops.tuning import restricted_configs
     from speclora_kernels.tools import floors
-    from speclora_kernels.tools.gpu_model import predict
+    from speclora_kernels.tools.gpu_model import contender, h100_configs, predict
+
+    from .contenders import peft_launches
 
     n_out, k_in = shape.out_features, shape.in_features
     common = {"shape": shape.name, "models": "/".join(shape.models), "in_features": k_in,
               "out_features": n_out, "tokens": tokens, "rank": rank, "direction": direction,
               "weight": "nf4" if nf4 else "fp16/bf16"}
     t0 = time.perf_counter()
-    if tokens * n_out * k_in <= REAL_SHAPE_MAX_MACS:
-        c = {"per_kernel": count_once(shape, tokens, k_in, rank, direction, nf4),
-             "counted_k": str(k_in)}
-    else:
-        c = count_extrapolated(shape, tokens, rank, direction, nf4, k_run, m_run)
+    launches = recorded(tokens, n_out, k_in, rank, direction, shape.bias, nf4)
+    with restricted_configs(h100_configs(launches)):  # the configs an H100 runs
+        if tokens * n_out * k_in <= REAL_SHAPE_MAX_MACS:
+            c = {"per_kernel": count_once(shape, tokens, k_in, rank, direction, nf4),
+                 "counted_k": str(k_in)}
+        else:
+            c = count_extrapolated(shape, tokens, rank, direction, nf4, k_run, m_run)
+    if (c.get("tokens", tokens), c.get("k_in", k_in)) != (tokens, k_in):
         # Not extrapolated: every row of this group describes the reduced shape run.
         tokens, k_in = c["tokens"], c["k_in"]
         common.update(tokens=tokens, in_features=k_in)
+        launches = recorded(tokens, n_out, k_in, rank, direction, shape.bias, nf4)
     wbytes = floors.nf4_weight_bytes(n_out, k_in) if nf4 else None
     per = c["per_kernel"]
     t = totals(per)
-    requested = t["load_bytes"] + t["store_bytes"]
-    unique = t["unique_load_bytes"] + t["unique_store_bytes"]
-    # kernels run one after another: each is bound by its own bytes or FLOPs
-    pred = predict(model_launches(per, nf4, n_out, k_in))
-    bandwidth_only = floors.predict_h100_serial(
-        (k["unique_load_bytes"] + k["unique_store_bytes"], k["dot_flops"], k["launches"])
-        for k in per.values())
-    pessimistic = floors.predict_h100_serial(
-        (k["load_bytes"] + k["store_bytes"], k["dot_flops"], k["launches"]) for k in per.values())
+    # kernels run one after another: each is bound by its own terms
+    pred = predict(model_launches(per, launches, nf4, n_out, k_in))
     fused = {**common, "contender": "fused_nf4" if nf4 else "fused", "method": "counted",
              "counted_k": c["counted_k"], "kernels": "+".join(per), "launches": t["launches"],
-             "programs": t["programs"], "bytes_requested": requested, "unique_bytes": unique,
-             "flops": t["dot_flops"], "pred_us": pred.us,
-             "bound": "+".join(part[2] for part in pred.parts),
-             "pred_us_bandwidth_only": bandwidth_only.us, "pred_us_requested": pessimistic.us,
+             "programs": t["programs"], "bytes_requested": t["load_bytes"] + t["store_bytes"],
+             "unique_bytes": t["unique_load_bytes"] + t["unique_store_bytes"],
+             "flops": t["dot_flops"], "pred_us": pred.us, "bound": pred.bound,
              "interpreter_s": time.perf_counter() - t0}
     out = [fused]
     kw = dict(dtype=DTYPE, weight_bytes=wbytes)
@@ -316,7 +314,8 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
             ops = floors.peft_lora_forward_ops(
                 tokens, k_in, n_out, rank, dtype=DTYPE, bias=shape.bias, training=False,
                 weight="nf4" if nf4 else "dense", **({"bnb_path": path} if nf4 else {}))
-            cost, pred = floors.total_cost(ops), floors.predict_ops(ops)
+            cost = floors.total_cost(ops)
+            pred = predict(peft_launches(ops, tokens, k_in, n_out, rank, DTYPE.itemsize))
             out.append({**common, "contender": f"bnb_peft ({path})" if nf4 else "peft",
                         "method": "op sequence", "kernels": " | ".join(o.name for o in ops),
                         "launches": cost.launches, "bytes_requested": cost.bytes,
@@ -327,9 +326,11 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
         op = floors.backward_floor(tokens, k_in, n_out, rank, grad_down_rows=rank,
                                    grad_up_cols=rank, **kw)
     for name, cost in (("base floor", lin), ("op floor", op)):
+        # every operand once at the ceilings, one launch filling the GPU
+        floor = predict([contender(name, cost.bytes, cost.flops)])
         out.append({**common, "contender": name, "method": "floor", "launches": cost.launches,
                     "bytes_requested": cost.bytes, "unique_bytes": cost.bytes,
-                    "flops": cost.flops, **_prediction(cost.bytes, cost.flops, cost.launches)})
+                    "flops": cost.flops, "pred_us": floor.us, "bound": floor.bound})
     peft = [r for r in out if r["method"] == "op sequence"]
     if peft:  # against bnb's faster path where bnb's choice depends on the GPU
         best = min(r["pred_us"] for r in peft)
@@ -393,7 +394,6 @@ def brief(rows: list[dict]) -> list[dict]:
                       "MB distinct": r["unique_bytes"] / 1e6,
                       "MB requested": r["bytes_requested"] / 1e6, "GFLOP": r["flops"] / 1e9,
                       "fused µs": r["pred_us"],
-                      "fused µs, bandwidth-only": r["pred_us_bandwidth_only"],
                       "PEFT/fused": r.get("pred_speedup_vs_peft"),
                       "fused/base": r["pred_vs_base"]})
         elif r["method"] == "op sequence":
@@ -404,13 +404,13 @@ def brief(rows: list[dict]) -> list[dict]:
 
 
 BRIEF_COLUMNS = ("shape", "M", "R", "dir", "weight", "counted at K", "launches", "MB distinct",
-                 "MB requested", "GFLOP", "fused µs", "fused µs, bandwidth-only", "PEFT µs",
+                 "MB requested", "GFLOP", "fused µs", "PEFT µs",
                  "base floor µs", "PEFT/fused",
                  "fused/base")
 
 COLUMNS = ("shape", "tokens", "rank", "direction", "contender", "method", "counted_k",
-           "launches", "programs", "bytes_requested", "unique_bytes", "flops", "pred_us",
-           "pred_us_bandwidth_only", "pred_us_requested", "bound", "pred_speedup_vs_peft", "pred_vs_base")
+           "launches", "programs", "bytes_requested", "unique_bytes", "flops", "pred_us", "bound",
+           "pred_speedup_vs_peft", "pred_vs_base")
 
 
 DEFAULT_PLAN = (

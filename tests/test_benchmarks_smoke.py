@@ -216,8 +216,8 @@ def test_counted_rows_match_floors_and_extrapolate_exactly():
     assert fused["bytes_requested"] >= fused["unique_bytes"]
     assert peft["launches"] == 5 and peft["method"] == "op sequence"
     assert fused["pred_speedup_vs_peft"] == pytest.approx(peft["pred_us"] / fused["pred_us"])
-    # the GPU model never predicts faster than bandwidth alone (it only adds ceilings)
-    assert fused["pred_us"] >= fused["pred_us_bandwidth_only"] > 0
+    # the GPU model never predicts the op faster than its floor (it only adds ceilings)
+    assert fused["pred_us"] >= floor["pred_us"] > 0
     got = count_extrapolated(shape, 16, 24, "forward", False, (256, 512, 768), (512, 1024, 1536))
     real = count_once(shape, 16, 1024, 24, "forward", False)
     assert "not extrapolated" not in got["counted_k"], got["counted_k"]
@@ -225,20 +225,29 @@ def test_counted_rows_match_floors_and_extrapolate_exactly():
 
 
 def test_model_launches_charge_nf4_decode_to_the_decoding_kernel():
-    from benchmarks.counted import model_launches
+    from benchmarks.counted import model_launches, recorded
+    from speclora_kernels.ops import plan
+    from speclora_kernels.tools.floors import nf4_weight_bytes
 
     def k(programs, launches=1):
-        return dict(launches=launches, programs=programs * launches, load_bytes=300,
+        return dict(launches=launches, programs=programs * launches, load_bytes=3000,
                     store_bytes=100, unique_load_bytes=200, unique_store_bytes=100,
                     dot_flops=10)
 
-    # a call with a dequantize launch: it decodes W, the GEMM after it reads dense tiles
-    got = model_launches({"dequant_kernel": k(64), "fwd_kernel": k(128)}, True, 32, 16)
-    assert [(t.name, t.programs, t.decoded) for t in got] == [
-        ("dequant_kernel", 64, 512), ("fwd_kernel", 128, 0.0)]
-    assert got[0].dram_bytes == 300 and got[0].l2_bytes == 100
-    # in-register decode: the GEMM kernel decodes; a dense base decodes nothing
-    assert model_launches({"fwd_splitk_kernel": k(400)}, True, 32, 16)[0].decoded == 512
-    twice = model_launches({"proj_kernel": k(4, 2)}, False, 32, 16)  # per launch: half each
+    # a call with a dequantize launch: it decodes W (and gathers its levels: 4 bytes an
+    # element requested from L1, not L2), the GEMM after it reads dense tiles
+    got = model_launches({"dequant_kernel": k(64), "fwd_kernel": k(128)}, [], True, 32, 16)
+    assert [(t.name, t.programs, t.decoded, t.gathers) for t in got] == [
+        ("dequant_kernel", 64, 512, 8), ("fwd_kernel", 128, 0.0, 0.0)]
+    assert got[0].dram_bytes == 300 and got[0].l2_bytes == 2800 - 4 * 512
+    twice = model_launches({"proj_kernel": k(4, 2)}, [], False, 32, 16)  # per launch: half
     assert [(t.programs, t.dram_bytes, t.l2_bytes, t.decoded) for t in twice] == \
-        [(4, 150, 50, 0.0)] * 2
+        [(4, 150, 1400, 0.0)] * 2
+    # a recorded split-K decode forward is the plan's own description of it, not its counts
+    launches = recorded(16, 1024, 4096, 48, "forward", False, True)
+    (kernel, args), = launches
+    shaped, = model_launches({"fwd_splitk_kernel": k(400)}, launches, True, 1024, 4096)
+    assert shaped.name == "fwd_splitk" and shaped.decoded == 1024 * 4096
+    assert shaped.dram_bytes == plan.decode_launch(
+        16, 1024, 4096, 48, nf4_weight_bytes(1024, 4096), 2, True, args["BLOCK_N"],
+        args["n_splits"]).dram_bytes

@@ -274,23 +274,44 @@ def split_slice(K: int, splits: int) -> int:
 
 
 def decode_launch(M: int, N: int, K: int, R: int, weight_bytes: float, element_size: int,
-                  nf4: bool, block_n: int, splits: int = 0):
-    """What a decode forward launch does, as ``tools.gpu_model.Launch``: the fused kernel
-    (``splits == 0``: one program per column tile) or the split-K kernel. Every program
-    reads the x rows and D columns of its slice (re-reads past the first come from L2);
-    split-K programs also write and the reducing ones read fp32 partials of y and t."""
-    from ..tools.gpu_model import Launch
+                  nf4: bool, block_n: int, splits: int = 0, *, bias: bool = False,
+                  block_k: int = 0, stages: int = 0):
+    """What a decode forward launch does, as ``tools.gpu_model.Launch``: the one description
+    of it, which the plan's choice, ``tools.plan_report`` and ``benchmarks.counted`` all
+    predict. The fused kernel (``splits == 0``: one program per ``block_n``-wide column tile)
+    or the split-K kernel, K in ``splits`` slices (as the launcher rounds them).
+
+    Distinct bytes: W as stored (``weight_bytes``; NF4 adds the 2 KB level table), x, D, s,
+    U, bias, y. Every program reads the x rows and D columns of its slice: re-reads past the
+    first come from L2. Each split-K program writes fp32 partials of y and t (``min(M, 16)``
+    rows) that the tile's last program reads back: L2 traffic too, never DRAM; and that
+    program's reduction loop (runtime-bounded, neither unrolled nor pipelined) waits one L2
+    round trip per partial after the arrival count's: ``splits + 1`` after the W stream.
+    With the config known (``block_k``, ``stages``), a program keeps ``stages - 1`` K steps
+    of its x, W and D tiles in flight (Little's law's bytes); else the model's default."""
+    from ..tools.floors import NF4_DECODE_TABLE_BYTES
+    from ..tools.gpu_model import Launch, nf4_gathers
 
     tiles = cdiv(N, block_n)
     rank = rank_block(R, FUSED_MAX_RANK)
+    splits = cdiv(K, split_slice(K, splits)) if splits else 0
     x, d = M * K * element_size, R * K * element_size
-    distinct = weight_bytes + x + d + 2 * R * N * element_size + M * N * element_size
+    distinct = (weight_bytes + (NF4_DECODE_TABLE_BYTES if nf4 else 0) + x + d + 4 * R
+                + (N * R + M * N + (N if bias else 0)) * element_size)
     reread = (tiles - 1) * (x + d)
     if splits:
-        reread += 2 * tiles * splits * M * (block_n + rank) * 4
-    programs = tiles * max(splits, 1)
-    return Launch("fwd_splitk" if splits else "fwd", programs, distinct, reread,
-                  2 * 16 * K * (N + rank * tiles), N * K if nf4 else 0)
+        reread += 2 * tiles * splits * min(M, SPLITK_BLOCK_M) * (block_n + rank) * 4
+    flight = None
+    if block_k:
+        w_element = weight_bytes / (N * K)
+        step = block_k * ((SPLITK_BLOCK_M + rank) * element_size + block_n * w_element)
+        flight = max(stages - 1, 1) * step
+    # as issued: tl.dot multiplies the whole 16-row tile whatever M (x @ W.T, x @ D.T per
+    # tile, t @ (s U).T in the epilogue)
+    flops = 2 * SPLITK_BLOCK_M * (K * N + K * rank * tiles + rank * N)
+    decoded = N * K if nf4 else 0
+    return Launch("fwd_splitk" if splits else "fwd", tiles * max(splits, 1), distinct, reread,
+                  flops, decoded, nf4_gathers(decoded), splits + 1 if splits else 0, flight)
 
 
 FACTOR_SPLIT_ROWS = 128      # rows of a factor-gradient slice: a multiple of every BLOCK_M

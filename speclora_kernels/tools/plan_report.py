@@ -4,10 +4,10 @@
 
 - **decode**: every Llama-3-8B / Mistral-7B and Qwen2.5-7B projection, M = 1 and 16, R = 16,
   48, 64, bf16 and NF4 bases: the forward's path, programs and waves on 132 SMs, the
-  predicted time (``tools.gpu_model``) and the floor (W read once + one launch); beside
-  them the plan before split-K (the fused kernel, one program per 256-wide column tile)
-  under the bandwidth-only prediction (``floors.predict_h100``) the old tables used and
-  under this model;
+  predicted time (``tools.gpu_model``, from ``plan.decode_launch`` as every tool predicts
+  it: ``plan_us`` is the plan's own figure for its choice), the floor (W read once + one
+  launch), and the plan before split-K (the fused kernel, one program per 256-wide column
+  tile) under the same model;
 - **NF4 decodes per call**: how many times a forward and a backward decode W, at M = 16,
   512 and 8192, and the call's transient memory (the dequantized W above
   ``plan.NF4_REGISTER_ROWS`` rows): the bytes of every tensor it allocates and does not
@@ -18,9 +18,9 @@
   launch in dry-run mode (argument checks, the cached launch recipe, output allocation:
   all but Triton's own launch), median of repeated calls, measured on this CPU.
 
-Launches come from ``ops.tuning.record_launches(dry_run=True)``; configs are the
-timing-free choice (``tuning.tuning("heuristic")``), so the report is the same on any
-machine. Every time in it but the host figures is a prediction.
+Launches come from ``ops.tuning.record_launches(dry_run=True)``; configs are those an H100
+runs under ``SPECLORA_TUNING=heuristic`` (``gpu_model.h100_config``), so the report is the
+same on any machine. Every time in it but the host figures is a prediction.
 """
 from __future__ import annotations
 
@@ -32,82 +32,48 @@ import sys
 import time
 import weakref
 
-os.environ.pop("TRITON_INTERPRET", None)  # plans, not interpreted runs
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from ..ops import fused_adapter_linear, launch, plan, tuning  # noqa: E402
-from ..quant import NF4Weight  # noqa: E402
-from .floors import NF4_DECODE_TABLE_BYTES, nf4_weight_bytes, predict_h100  # noqa: E402
-from .gpu_model import predict, weight_floor  # noqa: E402
+from ..ops import fused_adapter_linear, launch, plan, tuning
+from .floors import NF4_DECODE_TABLE_BYTES, nf4_weight_bytes
+from .gpu_model import h100_config, meta_inputs, meta_launches, predict, recorded_launch, weight_floor
 
 SHAPES = {"q_proj/o_proj 4096x4096": (4096, 4096), "k_proj/v_proj 4096->1024": (1024, 4096),
           "gate/up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336),
           "qwen q/o 3584x3584": (3584, 3584), "qwen k/v 3584->512": (512, 3584),
           "qwen gate/up 3584->18944": (18944, 3584), "qwen down 18944->3584": (3584, 18944)}
-META = dict(device="meta", dtype=torch.bfloat16)
-
-
-def _nf4(N: int, K: int) -> NF4Weight:
-    blocks = -(-N * K // 64)
-    return NF4Weight(torch.empty(-(-N * K // 2), device="meta", dtype=torch.uint8),
-                     torch.empty(blocks, device="meta", dtype=torch.uint8), (N, K),
-                     torch.bfloat16, 64,
-                     absmax2=torch.empty(-(-blocks // 256), device="meta"),
-                     code2=torch.empty(256, device="meta"), offset=torch.empty((), device="meta"))
-
-
-def _inputs(M, N, K, R, nf4):
-    weight = _nf4(N, K) if nf4 else torch.empty(N, K, **META)
-    return (torch.empty(M, K, **META), weight, None, torch.empty(R, K, **META),
-            torch.empty(R, device="meta"), torch.empty(N, R, **META))
-
-
-def _launches(M, N, K, R, nf4, backward=False):
-    x, w, b, d, s, u = _inputs(M, N, K, R, nf4)
-    with tuning.record_launches(dry_run=True) as launches:
-        if backward:
-            launch.adapter_backward(torch.empty(M, N, **META), x, w, d, s, u,
-                                    torch.empty(M, R, device="meta"), None, 0.0, 0, R, True,
-                                    True, True, True)
-        else:
-            launch.adapter_forward(x, w, b, d, s, u, None, 0.0, 0, True)
-    return launches
 
 
 def _programs(kernel, args) -> int:
-    return kernel.programs(args, kernel.choose(args, torch.device("meta")))
+    return kernel.programs(args, h100_config(kernel, args))
+
+
+def decode_row(M: int, N: int, K: int, R: int, nf4: bool) -> dict:
+    """One decode forward: the launch the op records, predicted from its shape and H100
+    config (``gpu_model.recorded_launch``), beside the plan's own prediction of its choice
+    (the same ``plan.decode_launch``, the config unknown) and the floor."""
+    weight = nf4_weight_bytes(N, K) if nf4 else 2 * N * K
+    (kernel, args), = meta_launches(M, N, K, R, nf4)
+    pred = predict([recorded_launch(kernel, args)])
+    p = plan.forward_plan(M, N, K, R, rank_cap=64, weight_bytes=weight, element_size=2,
+                          nf4=nf4)
+    own = predict([plan.decode_launch(M, N, K, R, weight, 2, nf4, p.block_n, p.splits)])
+    floor = weight_floor(N, K, weight_bytes=weight + (NF4_DECODE_TABLE_BYTES if nf4 else 0))
+    # the plan before split-K: the fused kernel's 16 x 256 tiles, one program per column tile
+    before = plan.decode_launch(M, N, K, R, weight, 2, nf4, 256)
+    return {"base": "nf4" if nf4 else "bf16", "M": M, "R": R, "kernel": kernel.name,
+            "block_n": args["BLOCK_N"], "splits": args["n_splits"],
+            "programs": _programs(kernel, args), "waves": _programs(kernel, args) / 132,
+            "predicted_us": pred.us, "plan_us": own.us, "floor_us": floor.us,
+            "vs_floor": pred.seconds / floor.seconds, "bound": pred.bound,
+            "fused_programs": before.programs, "fused_predicted_us": predict([before]).us}
 
 
 def decode_rows() -> list[dict]:
-    rows = []
-    for name, (N, K) in SHAPES.items():
-        for nf4 in (False, True):
-            weight = nf4_weight_bytes(N, K) + NF4_DECODE_TABLE_BYTES if nf4 else 2 * N * K
-            for M in (1, 16):
-                for R in (16, 48, 64):
-                    (kernel, args), = _launches(M, N, K, R, nf4)
-                    p = plan.forward_plan(M, N, K, R, rank_cap=64, weight_bytes=weight,
-                                          element_size=2, nf4=nf4)
-                    cost = plan.decode_launch(M, N, K, R, weight, 2, nf4, p.block_n, p.splits)
-                    pred, floor = predict([cost]), weight_floor(N, K, weight_bytes=weight)
-                    # the plan before split-K: the fused kernel's 16 x 256 tiles, one program
-                    # per column tile; as the bandwidth-only model saw it, and as this one does
-                    before = plan.decode_launch(M, N, K, R, weight, 2, nf4, 256)
-                    old = predict_h100(int(before.dram_bytes), int(before.flops), 1)
-                    rows.append({"shape": name, "base": "nf4" if nf4 else "bf16", "M": M,
-                                 "R": R, "kernel": kernel.name, "block_n": p.block_n,
-                                 "splits": p.splits, "programs": _programs(kernel, args),
-                                 "waves": _programs(kernel, args) / 132,
-                                 "predicted_us": pred.us, "floor_us": floor.us,
-                                 "vs_floor": pred.seconds / floor.seconds,
-                                 "bound": pred.parts[0][2],
-                                 "fused_programs": before.programs,
-                                 "fused_bandwidth_only_us": old.us,
-                                 "fused_predicted_us": predict([before]).us})
-    return rows
+    return [{"shape": name, **decode_row(M, N, K, R, nf4)} for name, (N, K) in SHAPES.items()
+            for nf4 in (False, True) for M in (1, 16) for R in (16, 48, 64)]
 
 
 class _Transient(TorchDispatchMode):
@@ -132,8 +98,8 @@ class _Transient(TorchDispatchMode):
 
 
 def _transient_bytes(M, N, K, R, backward) -> int:
-    x, w, b, d, s, u = _inputs(M, N, K, R, True)
-    dy, t = torch.empty(M, N, **META), torch.empty(M, R, device="meta")
+    x, w, b, d, s, u = meta_inputs(M, N, K, R, True)
+    dy, t = torch.empty(M, N, device="meta", dtype=x.dtype), torch.empty(M, R, device="meta")
     with _Transient() as transient:
         with tuning.record_launches(dry_run=True) as launches:
             if backward:
@@ -154,8 +120,8 @@ def decodes_per_call(N=4096, K=4096, R=48) -> list[dict]:
     for M in (16, 512, 8192):
         for backward in (False, True):
             count = 0.0
-            for kernel, args in _launches(M, N, K, R, True, backward):
-                cfg = kernel.choose(args, torch.device("meta"))
+            for kernel, args in meta_launches(M, N, K, R, True, backward):
+                cfg = h100_config(kernel, args)
                 full = {**args, **cfg.kwargs}
                 if kernel is tuning.DEQUANT:
                     count += 1
@@ -174,7 +140,7 @@ def factor_rows(R=48) -> list[dict]:
     rows = []
     for name, (N, K) in list(SHAPES.items())[:4]:
         for M in (512, 8192):
-            (kernel, args), = [(k, a) for k, a in _launches(M, N, K, R, False, True)
+            (kernel, args), = [(k, a) for k, a in meta_launches(M, N, K, R, False, True)
                                if k is tuning.FACTOR]
             programs = _programs(kernel, args)
             rows.append({"shape": name, "M": M, "splits": args["n_msplits"],
@@ -190,7 +156,7 @@ def host_us(M=1, N=4096, K=4096, R=48, batches=40, calls=100) -> dict:
     out = {}
     for grad in (False, True):
         x, w, b, d, s, u = (torch.empty_like(v, device="cpu") if v is not None else None
-                            for v in _inputs(M, N, K, R, False))
+                            for v in meta_inputs(M, N, K, R, False))
         if grad:
             d.requires_grad_()
             u.requires_grad_()
@@ -220,16 +186,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write every row as JSON to this path")
     opts = parser.parse_args(argv)
+    # plans, not interpreted runs (Triton reads the variable live; an importer keeps its own)
+    os.environ.pop("TRITON_INTERPRET", None)
     with tuning.tuning("heuristic"):
         report = {"decode": decode_rows(), "nf4_decodes": decodes_per_call(),
                   "factor_gradients": factor_rows(), "host_us": host_us()}
-    print("Decode forward, predicted by tools.gpu_model; fused_*: the plan before split-K (one "
-          "program per 256-wide column tile) under the bandwidth-only model the old tables "
-          "used and under this one:")
+    print("Decode forward, predicted by tools.gpu_model (plan_us: the plan's own prediction of "
+          "its choice); fused_*: the plan before split-K (one program per 256-wide column "
+          "tile):")
     print(_table(report["decode"], ["shape", "base", "M", "R", "kernel", "block_n", "splits",
-                                    "programs", "waves", "predicted_us", "floor_us",
+                                    "programs", "waves", "predicted_us", "plan_us", "floor_us",
                                     "vs_floor", "bound", "fused_programs",
-                                    "fused_bandwidth_only_us", "fused_predicted_us"]))
+                                    "fused_predicted_us"]))
     print("\nNF4 decodes of W per call (4096x4096, R = 48):")
     print(_table(report["nf4_decodes"], ["M", "pass", "decodes", "transient_MB",
                                          "dense_bf16_W_MB"]))
