@@ -18,7 +18,7 @@ bitsandbytes / PyTorch launches that choose their own grids: modelled as filling
 at the efficiencies ``gpu_model`` states, cuBLAS's tile re-reads from L2 like ours
 (``contenders.peft_launches``).
 
-The interpreter runs the configs an H100 runs (``gpu_model.h100_config``: the heuristic
+The interpreter runs the configs an H100 runs (``recorded.h100_config``: the heuristic
 choice of ``SPECLORA_TUNING=heuristic`` on 132 SMs, under ``tuning.restricted_configs``),
 not its own fewest-programs choice, so the counted re-reads are the GPU's.
 
@@ -119,7 +119,7 @@ GRADS = (True, True, False, True)
 def recorded(tokens: int, n_out: int, k_in: int, rank: int, direction: str, bias: bool,
              nf4: bool) -> list:
     """(TunedKernel, args) of every launch of one call, planned on meta tensors."""
-    from speclora_kernels.tools.gpu_model import meta_launches
+    from speclora_kernels.tools.recorded import meta_launches
 
     return meta_launches(tokens, n_out, k_in, rank, nf4, direction == "backward", bias, DTYPE,
                          GRADS)
@@ -129,7 +129,7 @@ def launch_configs(tokens: int, n_out: int, k_in: int, rank: int, direction: str
                    bias: bool, nf4: bool = False):
     """(kernel, chosen config) of every launch, from a dry run on meta tensors.
     Extrapolation is exact only if these agree between the reduced and the real shape."""
-    from speclora_kernels.tools.gpu_model import h100_config
+    from speclora_kernels.tools.recorded import h100_config
 
     return [(k.name, h100_config(k, a).kwargs, a.get("SEGMENTED"), a.get("n_segments"))
             for k, a in recorded(tokens, n_out, k_in, rank, direction, bias, nf4)]
@@ -243,22 +243,23 @@ def model_launches(per_kernel: dict, launches: list, nf4: bool, n_out: int, k_in
     (``gpu_model.counted_launch``): programs, distinct bytes, bytes requested beyond them,
     dot FLOPs; on an NF4 base the kernel that decodes W decodes ``n_out * k_in`` elements
     (with their level-table gathers); a factor-gradient launch's split partials
-    (``gpu_model.split_scratch``) stay in L2."""
+    (``recorded.split_scratch``) stay in L2."""
     from speclora_kernels.tools import gpu_model as gm
+    from speclora_kernels.tools import recorded as rec
 
     decoder = next((name for name in DECODING_KERNELS if name in per_kernel), None) if nf4 \
         else None
     out = []
     for name, k in per_kernel.items():
         calls = [(kernel, args) for kernel, args in launches if kernel.name == name]
-        shaped = [gm.recorded_launch(kernel, args) for kernel, args in calls]
+        shaped = [rec.recorded_launch(kernel, args) for kernel, args in calls]
         if len(shaped) == k["launches"] and all(shaped):
             out += shaped
             continue
         n = k["launches"]
         decoded = n_out * k_in if name == decoder else 0.0
         rows = calls[0][1].get("NF4_ROWS", True) if calls else True
-        scratch, serial = gm.split_scratch(*calls[0]) if calls else (0, 0)
+        scratch, serial = rec.split_scratch(*calls[0]) if calls else (0, 0)
         unique = k["unique_load_bytes"] + k["unique_store_bytes"]
         requested = k["load_bytes"] + k["store_bytes"]
         out += [gm.counted_launch(name, k["programs"] // n, unique / n, requested / n,
@@ -273,7 +274,8 @@ def rows_for(shape: Shape, tokens: int, rank: int, direction: str, nf4: bool,
     """Fused (counted), PEFT / bnb+PEFT (op sequence), nn.Linear and op floors."""
     from speclora_kernels.ops.tuning import restricted_configs
     from speclora_kernels.tools import floors
-    from speclora_kernels.tools.gpu_model import contender, h100_configs, predict
+    from speclora_kernels.tools.gpu_model import contender, predict
+    from speclora_kernels.tools.recorded import h100_configs
 
     from .contenders import peft_launches
 

@@ -30,3 +30,15 @@ def apply() -> None:
 
     patch_lang_tensor.squeezes_index = True
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+
+def child_env() -> dict:
+    """The environment for a process the tests start that runs kernels in the interpreter
+    (and may start more): ``_site/sitecustomize.py`` applies these fixes at its start-up,
+    as conftest does here."""
+    import os
+
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([site, *paths])}

@@ -7,6 +7,7 @@ import pytest
 
 from speclora_kernels.ops import plan
 from speclora_kernels.tools import gpu_model as gm
+from speclora_kernels.tools import recorded as rec
 from speclora_kernels.tools.floors import nf4_weight_bytes
 
 R = 48
@@ -58,7 +59,7 @@ def test_counted_bytes_match_the_shape_formula(nf4):
     shape = next(s for s in MODEL_SHAPES if s.name == "llama.k_v")
     fused = rows_for(shape, 1, R, "forward", nf4)[0]
     (kernel, args), = recorded(1, N, K, R, "forward", False, nf4)
-    launch = gm.recorded_launch(kernel, args)
+    launch = rec.recorded_launch(kernel, args)
     gathered = launch.gathers * gm.LANES * gm.LEVEL_ENTRY
     # each (row, block) scale's code2 and absmax2 loads: L1 hits that nf4_gathers leaves out
     scales = 8 * N * K // 64 if nf4 else 0
@@ -133,11 +134,11 @@ def test_factor_gradient_partials_are_scratch():
     """A factor-gradient launch that splits M writes one fp32 partial per program (its
     output tile) and reduces ``n_msplits`` of them: those bytes are priced in L2."""
     N, K = LLAMA["q_o"]
-    launches = gm.meta_launches(512, N, K, R, False, backward=True)
+    launches = rec.meta_launches(512, N, K, R, False, backward=True)
     (kernel, args), = [(k, a) for k, a in launches if k.name == "factor_grad_kernel"]
-    scratch, serial = gm.split_scratch(kernel, args)
-    cfg = gm.h100_config(kernel, args)
+    scratch, serial = rec.split_scratch(kernel, args)
+    cfg = rec.h100_config(kernel, args)
     assert serial == args["n_msplits"] > 1
     assert scratch == pytest.approx(kernel.programs(args, cfg) * cfg.kwargs["BLOCK_C"]
                                     * args["BLOCK_R"] * 4, rel=0.02)  # ds tiles: BLOCK_R only
-    assert gm.split_scratch(*launches[0]) == (0, 0)
+    assert rec.split_scratch(*launches[0]) == (0, 0)

@@ -279,12 +279,15 @@ def test_nf4_report_command(tmp_path):
     backward than the fused layer (the 4096 x 4096 numbers are in the README)."""
     import json
     import subprocess
-    import sys
 
     out = tmp_path / "nf4.json"
+    import sys
+
+    from _interpreter_compat import child_env
+
     proc = subprocess.run([sys.executable, "-m", "speclora_kernels.tools.nf4_report", "--shape",
                            "96x256", "--rank", "8", "--tokens", "32", "--json", str(out)],
-                          capture_output=True, text=True, timeout=170)
+                          env=child_env(), capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     count, rows = report["decode_bytes"], report["saved_for_backward"]["rows"]

@@ -19,7 +19,7 @@
   all but Triton's own launch), median of repeated calls, measured on this CPU.
 
 Launches come from ``ops.tuning.record_launches(dry_run=True)``; configs are those an H100
-runs under ``SPECLORA_TUNING=heuristic`` (``gpu_model.h100_config``), so the report is the
+runs under ``SPECLORA_TUNING=heuristic`` (``recorded.h100_config``), so the report is the
 same on any machine. Every time in it but the host figures is a prediction.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ops import fused_adapter_linear, launch, plan, tuning
 from .floors import NF4_DECODE_TABLE_BYTES, nf4_weight_bytes
-from .gpu_model import h100_config, meta_inputs, meta_launches, predict, recorded_launch, weight_floor
+from .gpu_model import predict, weight_floor
+from .recorded import h100_config, meta_inputs, meta_launches, recorded_launch
 
 SHAPES = {"q_proj/o_proj 4096x4096": (4096, 4096), "k_proj/v_proj 4096->1024": (1024, 4096),
           "gate/up 4096->14336": (14336, 4096), "down 14336->4096": (4096, 14336),
@@ -52,7 +53,7 @@ def _programs(kernel, args) -> int:
 
 def decode_row(M: int, N: int, K: int, R: int, nf4: bool) -> dict:
     """One decode forward: the launch the op records, predicted from its shape and H100
-    config (``gpu_model.recorded_launch``), beside the plan's own prediction of its choice
+    config (``recorded.recorded_launch``), beside the plan's own prediction of its choice
     (the same ``plan.decode_launch``, the config unknown) and the floor."""
     weight = nf4_weight_bytes(N, K) if nf4 else 2 * N * K
     (kernel, args), = meta_launches(M, N, K, R, nf4)
