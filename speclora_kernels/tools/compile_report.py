@@ -52,7 +52,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from speclora_kernels.ops import launch, tuning  # noqa: E402
 from speclora_kernels.ops.plan import SEGMENTED_ENV  # noqa: E402
-from speclora_kernels.quant import NF4Weight  # noqa: E402
+from speclora_kernels.tools.recorded import meta_nf4  # noqa: E402
 
 # Max shared memory per block (opt-in), bytes: A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -143,18 +143,6 @@ class Row:
     status: str = "ok"
 
 
-def _nf4_base(N, K, double_quant, dtype, blocksize=64):
-    """An NF4 weight of bitsandbytes' layout on the meta device."""
-    blocks = -(-N * K // blocksize)
-    u8, f32 = dict(device="meta", dtype=torch.uint8), dict(device="meta", dtype=torch.float32)
-    packed = torch.empty(-(-N * K // 2), **u8)
-    if not double_quant:
-        return NF4Weight(packed, torch.empty(blocks, **f32), (N, K), dtype, blocksize)
-    return NF4Weight(packed, torch.empty(blocks, **u8), (N, K), dtype, blocksize,
-                     absmax2=torch.empty(-(-blocks // 256), **f32),
-                     code2=torch.empty(256, **f32), offset=torch.empty((), **f32))
-
-
 @contextlib.contextmanager
 def _fp32_precision(value):
     """torch's fp32 matmul precision set to ``value`` ("ieee" / "tf32"; None: unchanged)."""
@@ -176,7 +164,8 @@ def _launches(M, K, N, R, dropout, label, base="dense", mixed=False):
     dtype, precision = DTYPES[label]
     meta = dict(device="meta", dtype=dtype)
     x, b = torch.empty(M, K, **meta), torch.empty(N, **meta)
-    w = torch.empty(N, K, **meta) if base == "dense" else _nf4_base(N, K, base == "nf4", dtype)
+    w = (torch.empty(N, K, **meta) if base == "dense"
+         else meta_nf4(N, K, dtype, double_quant=base == "nf4"))
     d, s, u = torch.empty(R, K, **meta), torch.empty(R, device="meta"), torch.empty(N, R, **meta)
     t = torch.empty(M, R, device="meta")
     # representative dropout: the trainable rows of a SpecLoRA-like layout

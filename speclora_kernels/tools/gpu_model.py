@@ -57,10 +57,10 @@ class Model:
     decode_instructions: float  # SASS instructions per NF4 element decoded in registers
     min_launch: float           # s: the least a launch takes, launch included
 
-    @property
-    def sm_bandwidth(self) -> float:
-        """Bytes/s one SM pulls at the default bytes in flight."""
-        return min(self.in_flight / self.dram_latency, self.sm_port * self.clock)
+    def sm_bandwidth(self, in_flight: Optional[float] = None) -> float:
+        """Bytes/s one SM pulls with ``in_flight`` bytes in flight (default ``in_flight``)."""
+        flight = self.in_flight if in_flight is None else in_flight
+        return min(flight / self.dram_latency, self.sm_port * self.clock)
 
     @property
     def gather_cycles(self) -> float:
@@ -160,8 +160,7 @@ def terms(launch: Launch, model: Model = H100_MODEL) -> dict:
     """Seconds of each bound of one launch, the tail and the launch cost."""
     gpu = model.gpu
     busy = busy_fraction(launch.programs, gpu.sms) * gpu.sms
-    flight = model.in_flight if launch.in_flight is None else launch.in_flight
-    per_sm = min(flight / model.dram_latency, model.sm_port * model.clock)
+    per_sm = model.sm_bandwidth(launch.in_flight)
     cycles = busy * model.clock  # SM-cycles per second
     return {"memory": launch.dram_bytes / (launch.efficiency * min(gpu.bandwidth, busy * per_sm)),
             "L2": launch.l2_bytes / (model.l2_bandwidth * busy / gpu.sms),

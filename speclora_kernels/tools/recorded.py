@@ -65,24 +65,30 @@ def split_scratch(kernel, args: dict) -> tuple[int, int]:
     return 4 * args["BLOCK_R"] * (tiles * cfg.kwargs["BLOCK_C"] + ds), args["n_msplits"]
 
 
+def meta_nf4(N: int, K: int, dtype, double_quant: bool = True, blocksize: int = 64):
+    """An NF4 weight of bitsandbytes' layout on the "meta" device (no memory, no device)."""
+    import torch
+
+    from ..quant import NF4Weight
+
+    blocks = -(-N * K // blocksize)
+    u8, f32 = dict(device="meta", dtype=torch.uint8), dict(device="meta", dtype=torch.float32)
+    packed = torch.empty(-(-N * K // 2), **u8)
+    if not double_quant:
+        return NF4Weight(packed, torch.empty(blocks, **f32), (N, K), dtype, blocksize)
+    return NF4Weight(packed, torch.empty(blocks, **u8), (N, K), dtype, blocksize,
+                     absmax2=torch.empty(-(-blocks // 256), **f32),
+                     code2=torch.empty(256, **f32), offset=torch.empty((), **f32))
+
+
 def meta_inputs(M: int, N: int, K: int, R: int, nf4: bool, bias: bool = False,
                 dtype=None) -> tuple:
     """(x, W, bias, D, s, U) of the op on "meta" tensors (no memory, no device): W dense or
     a bitsandbytes-layout NF4Weight (blocks of 64, double quant)."""
     import torch
 
-    from ..quant import NF4Weight
-
     meta = dict(device="meta", dtype=dtype or torch.bfloat16)
-    if nf4:
-        blocks = -(-N * K // 64)
-        weight = NF4Weight(torch.empty(-(-N * K // 2), device="meta", dtype=torch.uint8),
-                           torch.empty(blocks, device="meta", dtype=torch.uint8), (N, K),
-                           meta["dtype"], 64, absmax2=torch.empty(-(-blocks // 256), device="meta"),
-                           code2=torch.empty(256, device="meta"),
-                           offset=torch.empty((), device="meta"))
-    else:
-        weight = torch.empty(N, K, **meta)
+    weight = meta_nf4(N, K, meta["dtype"]) if nf4 else torch.empty(N, K, **meta)
     return (torch.empty(M, K, **meta), weight, torch.empty(N, **meta) if bias else None,
             torch.empty(R, K, **meta), torch.empty(R, device="meta"), torch.empty(N, R, **meta))
 
